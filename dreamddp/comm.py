@@ -1,0 +1,321 @@
+"""Collective helpers shared by DreamDDP and the baselines, and a software-simulated slow link.
+
+Everything here averages *tensors in place* through bucketed all-reduces: small tensors are
+coalesced into one flat buffer per bucket (a slow link charges latency per message, so one
+call per tensor is latency-bound), a bucket holding a single tensor is all-reduced in place
+with no copy at all.
+
+``SimulatedLink`` makes a laptop behave like sites joined by a slow wide-area link: each
+collective occupies a serial channel for ``latency + wire_bytes / bandwidth`` from the moment
+it is issued (or the channel frees up), and waiting for it returns no earlier than that.
+Compute that runs meanwhile hides the delay exactly as it would hide a real transfer, so
+overlap shows up in wall-clock time. Real kernel throttling (``tc``) is ``dreamddp.netem``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "LinkSpec",
+    "SimulatedLink",
+    "BucketAverage",
+    "pack_buckets",
+    "average_tensors",
+    "broadcast_tensors",
+    "average_op",
+]
+
+_RATE_UNITS = {  # tc's spelling: "bit" suffixes are bits/s, "bps" suffixes are bytes/s
+    "bit": 1.0,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "tbit": 1e12,
+    "bps": 8.0,
+    "kbps": 8e3,
+    "mbps": 8e6,
+    "gbps": 8e9,
+    "tbps": 8e12,
+}
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link's bandwidth (bits per second) and one-way latency per collective step (seconds)."""
+
+    bandwidth_bps: float
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bps > 0:
+            raise ValueError(f"link bandwidth must be > 0 bit/s, got {self.bandwidth_bps!r}")
+        if not self.latency_s >= 0:
+            raise ValueError(f"link latency must be >= 0 s, got {self.latency_s!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> LinkSpec:
+        """Parse ``"100mbit,20ms"`` (tc units: bit/kbit/mbit/gbit, or kbps/mbps/... for bytes/s).
+
+        The latency part is optional (``"1gbit"``) and takes s/ms/us.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) > 2:
+            raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
+        bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text, default_unit=None)
+        latency = _parse_quantity(parts[1], _TIME_UNITS, "delay", text, default_unit=None) if len(parts) == 2 else 0.0
+        if bandwidth <= 0:
+            raise ValueError(f"malformed link {text!r}: rate must be > 0")
+        return cls(bandwidth_bps=bandwidth, latency_s=latency)
+
+    def __str__(self) -> str:
+        return f"{_format_rate(self.bandwidth_bps)},{self.latency_s * 1e3:g}ms"
+
+
+def _parse_quantity(part: str, units: dict[str, float], what: str, text: str, default_unit: str | None) -> float:
+    match = _QUANTITY.match(part)
+    allowed = "/".join(units)
+    if not match:
+        raise ValueError(f"malformed link {text!r}: {what} {part!r} is not a number with a unit ({allowed})")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if not unit:
+        unit = default_unit or ""
+    if unit not in units:
+        raise ValueError(f"malformed link {text!r}: unknown {what} unit {match.group(2)!r} (use {allowed})")
+    return value * units[unit]
+
+
+def _format_rate(bps: float) -> str:
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:g}{unit}"
+    return f"{bps:g}bit"
+
+
+class _DeadlineThread:
+    """One daemon thread that runs callbacks at given monotonic times (for DDP comm hooks)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._counter = itertools.count()
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="dreamddp-simulated-link", daemon=True)
+        self._thread.start()
+
+    def call_at(self, deadline: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (deadline, next(self._counter), fn))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap:
+                    self._cv.wait()
+                deadline, _, fn = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cv.wait(timeout=delay)
+                    continue
+                heapq.heappop(self._heap)
+            fn()
+
+
+@dataclass
+class LinkStats:
+    collectives: int = 0
+    bytes: int = 0  # payload bytes handed to collectives on this rank
+    busy_s: float = 0.0  # simulated channel time
+
+
+@dataclass
+class SimulatedLink:
+    """A serial channel with a bandwidth and a latency, applied to collectives in software.
+
+    An all-reduce of ``n`` payload bytes among ``world_size`` ranks occupies the channel for
+    ``latency + 2 (w-1)/w * n * 8 / bandwidth`` — the per-rank traffic of a ring all-reduce —
+    starting when it is issued or when the previous collective leaves the channel, whichever
+    is later. One rank needs no link: with ``world_size == 1`` every collective is free.
+    """
+
+    spec: LinkSpec
+    world_size: int
+    stats: LinkStats = field(default_factory=LinkStats)
+
+    def __post_init__(self) -> None:
+        self._channel_free = 0.0
+        self._lock = threading.Lock()
+        self._timer: _DeadlineThread | None = None
+
+    @classmethod
+    def from_string(cls, text: str, world_size: int) -> SimulatedLink:
+        return cls(LinkSpec.parse(text), world_size)
+
+    def all_reduce_seconds(self, nbytes: int) -> float:
+        if self.world_size <= 1:
+            return 0.0
+        wire = 2.0 * (self.world_size - 1) / self.world_size * nbytes
+        return self.spec.latency_s + wire * 8.0 / self.spec.bandwidth_bps
+
+    def reserve(self, nbytes: int) -> float:
+        """Book the channel for an all-reduce of ``nbytes`` issued now; return its finish time."""
+        seconds = self.all_reduce_seconds(nbytes)
+        with self._lock:
+            start = max(time.monotonic(), self._channel_free)
+            self._channel_free = start + seconds
+            self.stats.collectives += 1
+            self.stats.bytes += nbytes
+            self.stats.busy_s += seconds
+            return self._channel_free
+
+    def delay_future(self, fut: torch.futures.Future, deadline: float) -> torch.futures.Future:
+        """A future with ``fut``'s result that completes no earlier than ``deadline``."""
+        if self._timer is None:
+            self._timer = _DeadlineThread()
+        timer = self._timer
+        out: torch.futures.Future = torch.futures.Future()
+
+        def on_done(done: torch.futures.Future) -> None:
+            try:
+                value = done.value()
+            except Exception as err:  # surface the collective's own failure unchanged
+                out.set_exception(err)
+                return
+            timer.call_at(deadline, lambda: out.set_result(value))
+
+        fut.add_done_callback(on_done)
+        return out
+
+
+def sleep_until(deadline: float | None) -> None:
+    if deadline is None:
+        return
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def average_op(group: dist.ProcessGroup | None) -> tuple[dist.ReduceOp, bool]:
+    """The reduce op for an average, and whether the caller must still divide by world size.
+
+    NCCL averages natively (and in one rounding for bf16); gloo only sums.
+    """
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return dist.ReduceOp.AVG, False
+    return dist.ReduceOp.SUM, True
+
+
+def pack_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[list[int]]:
+    """Group consecutive tensors into buckets of at most ``cap_bytes`` (indices into ``tensors``).
+
+    A bucket holds one dtype on one device, so it can be flattened; a tensor larger than the
+    cap gets a bucket of its own (and is then reduced in place, with no copy).
+    """
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if current:
+            head = tensors[current[0]]
+            if head.dtype != t.dtype or head.device != t.device or size + nbytes > cap_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        current.append(i)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class BucketAverage:
+    """One bucket's asynchronous in-place average; ``wait()`` finishes it.
+
+    Launch coalesces the tensors into a flat buffer (or uses the single tensor itself) and
+    issues a non-blocking all-reduce; ``wait()`` waits for it (and for the simulated link),
+    divides where the backend cannot average, and copies the result back.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        group: dist.ProcessGroup | None,
+        link: SimulatedLink | None = None,
+    ) -> None:
+        self.tensors = list(tensors)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        self._inplace = len(self.tensors) == 1 and self.tensors[0].is_contiguous()
+        if self._inplace:
+            self.buffer = self.tensors[0]
+        else:
+            self.buffer = torch.cat([t.detach().reshape(-1) for t in self.tensors])
+        op, self._divide = average_op(group)
+        self._world = dist.get_world_size(group)
+        self.work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
+        self.deadline = link.reserve(self.nbytes) if link is not None else None
+
+    def wait(self) -> None:
+        self.work.wait()
+        sleep_until(self.deadline)
+        if self._divide:
+            self.buffer.div_(self._world)
+        if not self._inplace:
+            offset = 0
+            for t in self.tensors:
+                n = t.numel()
+                t.copy_(self.buffer[offset : offset + n].view_as(t))
+                offset += n
+
+
+def average_tensors(
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    *,
+    cap_bytes: int = 25 * 2**20,
+    link: SimulatedLink | None = None,
+) -> int:
+    """Average ``tensors`` across the group in place, bucketed; blocks. Returns bytes reduced.
+
+    All buckets are issued back to back before any is waited for, so they pipeline on the
+    link instead of paying one round trip each.
+    """
+    pending = [BucketAverage([tensors[i] for i in b], group, link) for b in pack_buckets(tensors, cap_bytes)]
+    for bucket in pending:
+        bucket.wait()
+    return sum(b.nbytes for b in pending)
+
+
+def broadcast_tensors(
+    tensors: Sequence[torch.Tensor],
+    src_group_rank: int = 0,
+    group: dist.ProcessGroup | None = None,
+    *,
+    cap_bytes: int = 25 * 2**20,
+) -> None:
+    """Overwrite ``tensors`` with the group rank ``src_group_rank``'s values, bucketed."""
+    src = dist.get_global_rank(group, src_group_rank) if group is not None else src_group_rank
+    for bucket in pack_buckets(tensors, cap_bytes):
+        items = [tensors[i] for i in bucket]
+        if len(items) == 1 and items[0].is_contiguous():
+            dist.broadcast(items[0], src=src, group=group)
+            continue
+        flat = torch.cat([t.detach().reshape(-1) for t in items])
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for t in items:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n

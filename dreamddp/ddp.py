@@ -1,0 +1,330 @@
+"""DreamDDP: partial local SGD with parameter averaging overlapped with backward.
+
+In iteration t (h = t mod period) the units the schedule assigns to h have their parameter
+*data* averaged across ranks, in place, by asynchronous all-reduces launched from
+``register_post_accumulate_grad_hook`` — the moment a unit's gradients are complete its
+weights are no longer read by the rest of backward, so they can be overwritten while backward
+goes on with the layers below. At the end of backward (an autograd callback, as torch DDP
+uses) the wrapper launches whatever is left, waits for all of it and finishes the averages.
+When ``loss.backward()`` returns the scheduled units are identical on every rank, and the
+user's ``optimizer.step()`` applies the *local* gradient: w <- mean(w) - lr * g_local.
+Gradients are never averaged; optimizer state stays local.
+
+Buckets are fixed per iteration of the period and launched strictly in order, so every rank
+issues the same collectives in the same order even if its hooks fire in a different order.
+The order is first the reverse of registration order, then — after the first synchronising
+backward, as torch DDP does — the readiness order rank 0 actually observed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm import BucketAverage, SimulatedLink, average_tensors, broadcast_tensors, pack_buckets
+from .schedule import Schedule
+from .units import SyncUnit, sync_units
+
+__all__ = ["DreamDDP", "IterationStats"]
+
+
+@dataclass
+class IterationStats:
+    """What one synchronising backward pass communicated, and how long it waited."""
+
+    iteration: int = 0
+    phase: int = 0  # h = iteration mod period
+    units: list[str] = field(default_factory=list)
+    bytes_sent: int = 0  # payload bytes all-reduced by this rank
+    buckets: int = 0
+    wait_s: float = 0.0  # host time blocked at the end of backward (exposed communication)
+
+
+@dataclass
+class _Bucket:
+    unit_ids: frozenset[int]
+    tensors: list[torch.Tensor]
+
+
+class DreamDDP(nn.Module):
+    """Wrap ``module`` so that ``backward()`` averages the scheduled units' parameters.
+
+    Args:
+        module: the model, already on its device.
+        schedule: which units to average in which iteration of the period; must name every
+            unit of ``sync_units(module)`` and nothing else.
+        process_group: the data-parallel group (default: the world).
+        bucket_cap_mb: largest coalesced all-reduce; small units are packed together.
+        link: optional ``SimulatedLink`` that delays every collective like a slow network.
+        broadcast_from_rank0: start every rank from rank 0's parameters and buffers.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        schedule: Schedule,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 25.0,
+        *,
+        link: SimulatedLink | None = None,
+        broadcast_from_rank0: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a dreamddp.Schedule, got {type(schedule).__name__}")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "DreamDDP needs an initialised process group: call torch.distributed.init_process_group() first"
+            )
+        self.module = module
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self.link = link
+        self.units: list[SyncUnit] = sync_units(module)
+        schedule.check_units([u.name for u in self.units])
+        self._schedule = schedule
+        _check_same_model(self.units, self.process_group)
+        if broadcast_from_rank0:
+            broadcast_tensors(
+                [t for u in self.units for t in u.tensors], 0, self.process_group, cap_bytes=self.bucket_cap_bytes
+            )
+
+        self._iteration = 0
+        self._sync_enabled = True
+        self._order_rebuilt = False
+        self._grad_params = [sum(1 for p in u.params if p.requires_grad) for u in self.units]
+        # Expected backward readiness order: reverse registration order, with units that get no
+        # gradient (frozen or buffer-only) last — they can only be averaged once backward ends.
+        backward = list(reversed(range(len(self.units))))
+        self._order = [i for i in backward if self._grad_params[i]] + [i for i in backward if not self._grad_params[i]]
+        self._plans = self._build_plans()
+        self.last_stats = IterationStats()
+        self.total_bytes_sent = 0
+
+        # Per-backward state.
+        self._in_backward = False
+        self._grads_left: list[int] = []
+        self._ready: list[bool] = []
+        self._observed: list[int] = []
+        self._next_bucket = 0
+        self._in_flight: list[BucketAverage] = []
+        self._hook_handles = [
+            p.register_post_accumulate_grad_hook(self._make_hook(i))
+            for i, u in enumerate(self.units)
+            for p in u.params
+            if p.requires_grad
+        ]
+
+    # ------------------------------------------------------------------ API
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._in_backward:
+            self._abandon_backward()
+        return self.module(*args, **kwargs)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    @property
+    def iteration(self) -> int:
+        """Synchronising backward passes so far; this backward uses ``iteration % period``."""
+        return self._iteration
+
+    @property
+    def phase(self) -> int:
+        return self._iteration % self._schedule.period
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Switch schedules between iterations (call on every rank at the same iteration)."""
+        if self._in_backward:
+            raise RuntimeError("set_schedule() cannot be called during backward")
+        schedule.check_units([u.name for u in self.units])
+        self._schedule = schedule
+        self._plans = self._build_plans()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient-accumulation micro-steps: backward sends nothing and the counter stays."""
+        previous = self._sync_enabled
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    @torch.no_grad()
+    def average_all(self) -> None:
+        """Average every unit now (before evaluation, checkpoints, the end of training)."""
+        if self._in_backward:
+            raise RuntimeError("average_all() cannot be called during backward")
+        tensors = [t for u in self.units for t in u.tensors]
+        self.total_bytes_sent += average_tensors(
+            tensors, self.process_group, cap_bytes=self.bucket_cap_bytes, link=self.link
+        )
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"iteration": self._iteration, "period": self._schedule.period}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or state["iteration"] < 0:
+            raise ValueError(f"DreamDDP state has no valid iteration counter: {state!r}")
+        if state.get("period") != self._schedule.period:
+            raise ValueError(
+                f"checkpoint was written with period {state.get('period')!r}, this schedule has "
+                f"period {self._schedule.period}"
+            )
+        self._iteration = state["iteration"]
+
+    def remove_hooks(self) -> None:
+        """Detach from the model; it trains as a plain module afterwards."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    # ------------------------------------------------------------- planning
+    def _build_plans(self) -> list[list[_Bucket]]:
+        """For each iteration of the period, its buckets in launch order."""
+        plans = []
+        for h in range(self._schedule.period):
+            scheduled = set(self._schedule.units_at(h))
+            ordered = [i for i in self._order if self.units[i].name in scheduled]
+            tensors: list[torch.Tensor] = []
+            owners: list[int] = []
+            for i in ordered:
+                for t in self.units[i].tensors:
+                    tensors.append(t)
+                    owners.append(i)
+            plans.append(
+                [
+                    _Bucket(frozenset(owners[j] for j in b), [tensors[j] for j in b])
+                    for b in pack_buckets(tensors, self.bucket_cap_bytes)
+                ]
+            )
+        return plans
+
+    def _rebuild_order_from_rank0(self) -> None:
+        """Adopt rank 0's observed readiness order so buckets launch as early as they can."""
+        observed = list(dict.fromkeys(self._observed))
+        order = observed + [i for i in self._order if i not in set(observed)]
+        device = torch.device("cpu")
+        if dist.get_backend(self.process_group) == dist.Backend.NCCL:
+            device = torch.device("cuda", torch.cuda.current_device())
+        order_t = torch.tensor(order, dtype=torch.int64, device=device)
+        dist.broadcast(order_t, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
+        self._order = order_t.tolist()
+        self._plans = self._build_plans()
+
+    @torch.no_grad()
+    def _abandon_backward(self) -> None:
+        """A backward raised before its end callback ran: drain what it launched, count nothing.
+
+        Every rank that launched a bucket waits for it, so no collective is left dangling;
+        the iteration counter is not advanced, so the failed iteration is simply retried.
+        """
+        try:
+            for bucket in self._in_flight:
+                bucket.wait()
+        finally:
+            self._in_backward = False
+            self._in_flight = []
+
+    # ---------------------------------------------------------------- hooks
+    def _make_hook(self, unit_id: int):
+        def hook(_param: torch.Tensor) -> None:
+            self._on_grad_ready(unit_id)
+
+        return hook
+
+    def _start_backward(self) -> None:
+        self._in_backward = True
+        self._grads_left = list(self._grad_params)
+        self._ready = [False] * len(self.units)
+        self._observed = []
+        self._next_bucket = 0
+        self._in_flight = []
+        self._wait_s = 0.0
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _on_grad_ready(self, unit_id: int) -> None:
+        if not self._sync_enabled:
+            return
+        if not self._in_backward:
+            self._start_backward()
+        self._grads_left[unit_id] -= 1
+        if self._grads_left[unit_id] == 0:
+            self._ready[unit_id] = True
+            self._observed.append(unit_id)
+            self._launch_ready_buckets(force=False)
+
+    @torch.no_grad()
+    def _launch_ready_buckets(self, force: bool) -> None:
+        plan = self._plans[self.phase]
+        while self._next_bucket < len(plan):
+            bucket = plan[self._next_bucket]
+            if not force and not all(self._ready[i] for i in bucket.unit_ids):
+                return
+            self._in_flight.append(BucketAverage(bucket.tensors, self.process_group, self.link))
+            self._next_bucket += 1
+
+    @torch.no_grad()
+    def _finish_backward(self) -> None:
+        """End of backward: launch what is left (units whose hooks never fired), wait, finish."""
+        try:
+            self._launch_ready_buckets(force=True)
+            start = time.perf_counter()
+            for bucket in self._in_flight:
+                bucket.wait()
+            wait_s = time.perf_counter() - start
+            sent = sum(b.nbytes for b in self._in_flight)
+            self.last_stats = IterationStats(
+                iteration=self._iteration,
+                phase=self.phase,
+                units=self._schedule.units_at(self.phase),
+                bytes_sent=sent,
+                buckets=len(self._in_flight),
+                wait_s=wait_s,
+            )
+            self.total_bytes_sent += sent
+            self._iteration += 1
+            if not self._order_rebuilt:
+                self._order_rebuilt = True
+                self._rebuild_order_from_rank0()
+        finally:
+            self._in_backward = False
+            self._in_flight = []
+
+
+def _check_same_model(units: list[SyncUnit], group: dist.ProcessGroup) -> None:
+    """Fail on every rank, naming the first difference, unless all ranks have the same units."""
+    mine = [(u.name, u.signature) for u in units]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    reference = gathered[0]
+    for rank, theirs in enumerate(gathered):
+        if theirs == reference:
+            continue
+        ref_map, their_map = dict(reference), dict(theirs)
+        for name in list(ref_map) + [n for n in their_map if n not in ref_map]:
+            if name not in their_map:
+                raise ValueError(f"models differ across ranks: rank {rank} has no unit {name!r} that rank 0 has")
+            if name not in ref_map:
+                raise ValueError(f"models differ across ranks: rank {rank} has unit {name!r} that rank 0 lacks")
+            if ref_map[name] != their_map[name]:
+                raise ValueError(
+                    f"models differ across ranks: unit {name!r} is {_describe(their_map[name])} on rank {rank}"
+                    f" but {_describe(ref_map[name])} on rank 0"
+                )
+        raise ValueError(f"models differ across ranks: rank {rank} orders its units differently from rank 0")
+
+
+def _describe(signature: tuple[tuple[str, tuple[int, ...], str], ...]) -> str:
+    return ", ".join(f"{name}{list(shape)}:{dtype.removeprefix('torch.')}" for name, shape, dtype in signature)

@@ -1,0 +1,205 @@
+"""Schedule: which sync units are averaged in which iteration of the period.
+
+A schedule is a period H and, for every unit name, the iterations h in [0, H) at which that
+unit's parameters are averaged. Iteration t of training uses h = t mod H. Every unit must be
+averaged at least once per period — that is what bounds how far the ranks' models drift — and
+may be averaged more often (the scheduler's fill-in does that where the link is idle).
+
+Schedules are plain data: built by the baseline constructors here, by the scheduler, or read
+from a versioned JSON file, and validated against the model's units when DreamDDP is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .units import SyncUnit
+
+__all__ = ["Schedule", "SCHEDULE_FORMAT"]
+
+SCHEDULE_FORMAT = "dreamddp.schedule/1"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Period ``period`` and ``assignment``: unit name -> sorted iterations in [0, period)."""
+
+    period: int
+    assignment: Mapping[str, tuple[int, ...]]
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
+            raise ValueError(f"schedule period must be an integer >= 1, got {self.period!r}")
+        if not isinstance(self.assignment, Mapping):
+            raise ValueError(
+                f"schedule assignment must map unit names to iterations, got {type(self.assignment).__name__}"
+            )
+        normalised: dict[str, tuple[int, ...]] = {}
+        for name, iterations in self.assignment.items():
+            if not isinstance(name, str):
+                raise ValueError(f"schedule unit names must be strings, got {name!r}")
+            if isinstance(iterations, int) and not isinstance(iterations, bool):
+                iterations = [iterations]
+            try:
+                its = list(iterations)
+            except TypeError:
+                raise ValueError(
+                    f"schedule: unit {name!r} must list iterations, got {iterations!r}"
+                ) from None
+            for h in its:
+                if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < self.period:
+                    raise ValueError(
+                        f"schedule: unit {name!r} has iteration {h!r} outside [0, {self.period})"
+                    )
+            if not its:
+                raise ValueError(
+                    f"schedule: unit {name!r} is never averaged; every unit needs at least one "
+                    f"iteration in [0, {self.period})"
+                )
+            normalised[name] = tuple(sorted(set(its)))
+        object.__setattr__(self, "assignment", normalised)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def unit_names(self) -> list[str]:
+        return list(self.assignment)
+
+    def iterations_of(self, name: str) -> list[int]:
+        """Iterations of the period at which unit ``name`` is averaged."""
+        try:
+            return list(self.assignment[name])
+        except KeyError:
+            raise KeyError(f"schedule has no unit {name!r}") from None
+
+    def units_at(self, h: int) -> list[str]:
+        """Units averaged at iteration ``h`` of the period, in the schedule's unit order."""
+        return [name for name, its in self.assignment.items() if h in its]
+
+    def syncs_per_period(self) -> int:
+        return sum(len(its) for its in self.assignment.values())
+
+    def check_units(self, unit_names: Sequence[str]) -> None:
+        """Raise ValueError unless the schedule covers exactly these units."""
+        known = set(unit_names)
+        unknown = [n for n in self.assignment if n not in known]
+        if unknown:
+            raise ValueError(
+                f"schedule names unit {unknown[0]!r}, which the model does not have"
+                f" ({len(unknown)} unknown in all)"
+            )
+        missing = [n for n in unit_names if n not in self.assignment]
+        if missing:
+            raise ValueError(
+                f"schedule misses unit {missing[0]!r}: every unit must be averaged at least once per"
+                f" period ({len(missing)} missing in all)"
+            )
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def every_step(cls, names: Iterable[str]) -> Schedule:
+        """Average every unit every iteration (period 1): the S-SGD-like extreme."""
+        return cls(period=1, assignment={n: (0,) for n in names}, metadata={"method": "every_step"})
+
+    @classmethod
+    def local_sgd(cls, names: Iterable[str], period: int) -> Schedule:
+        """Average every unit once per period, all in the period's last iteration."""
+        _check_period(period)
+        return cls(
+            period=period,
+            assignment={n: (period - 1,) for n in names},
+            metadata={"method": "local_sgd"},
+        )
+
+    @classmethod
+    def plsgd(cls, units: Sequence[SyncUnit], period: int) -> Schedule:
+        """Partial local SGD without profiling: ``period`` contiguous groups of about equal bytes.
+
+        Groups follow backward order (the reverse of ``units``), so iteration 0 averages the
+        output-side units, whose all-reduce has the most backward left to hide behind.
+        """
+        _check_period(period)
+        backward = list(reversed(units))
+        groups = split_equal_bytes([u.nbytes for u in backward], period)
+        assignment = {backward[i].name: (h,) for h, group in enumerate(groups) for i in group}
+        ordered = {u.name: assignment[u.name] for u in units}
+        return cls(period=period, assignment=ordered, metadata={"method": "plsgd"})
+
+    # --------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SCHEDULE_FORMAT,
+            "period": self.period,
+            "assignment": {n: list(its) for n, its in self.assignment.items()},
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "schedule") -> Schedule:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt != SCHEDULE_FORMAT:
+            raise ValueError(f"{source}: format {fmt!r} is not {SCHEDULE_FORMAT!r}")
+        for key in ("period", "assignment"):
+            if key not in data:
+                raise ValueError(f"{source}: missing field {key!r}")
+        try:
+            return cls(
+                period=data["period"],
+                assignment=data["assignment"],
+                metadata=data.get("metadata") or {},
+            )
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the schedule atomically (temp file + rename), so readers never see half a file."""
+        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Schedule:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"schedule file {os.fspath(path)!r} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"schedule file {os.fspath(path)!r} is not valid JSON: {err}") from None
+        return cls.from_dict(data, source=f"schedule file {os.fspath(path)!r}")
+
+
+def split_equal_bytes(sizes: Sequence[int], groups: int) -> list[list[int]]:
+    """Split indices 0..n-1 into ``groups`` contiguous runs whose byte totals are near equal.
+
+    Group g ends at the first index whose running total reaches (g+1)/groups of the whole,
+    so no group is more than one unit away from its share. With fewer units than groups the
+    trailing groups are empty.
+    """
+    total = sum(sizes)
+    result: list[list[int]] = [[] for _ in range(groups)]
+    running = 0
+    g = 0
+    for i, size in enumerate(sizes):
+        result[g].append(i)
+        running += size
+        units_left, groups_left = len(sizes) - i - 1, groups - g - 1
+        # Close the group at its share of the bytes, or early enough that no later group is
+        # left empty while there are units to fill it.
+        if groups_left and (running >= total * (g + 1) / groups or units_left <= groups_left):
+            g += 1
+    return result
+
+
+def _check_period(period: int) -> None:
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be an integer >= 1, got {period!r}")

@@ -1,0 +1,128 @@
+"""Small models and a pure-Python reference of partial local SGD, for the wrapper's tests."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dreamddp import Schedule, sync_units
+
+
+class MLP(nn.Module):
+    """Four units with a BatchNorm in the middle, so buffers ride along with a unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # BatchNorm after the nonlinearity: fc1.bias before a BatchNorm would get an exactly-zero
+        # gradient, whose rounding noise Adam amplifies to a full step.
+        return self.head(torch.relu(self.fc2(self.bn(torch.tanh(self.fc1(x))))))
+
+
+class ScrambledMLP(nn.Module):
+    """Registers its layers in the reverse of forward order, so the static guess of backward
+    order is wrong and the wrapper must learn the real one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Linear(16, 4)
+        self.b = nn.Linear(16, 16)
+        self.a = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class TiedLM(nn.Module):
+    """Embedding and output projection share one weight (GPT-2 style)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(idx))))
+
+
+def make_batch(kind: str, rank: int, step: int, same_data: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * (0 if same_data else rank + 1) + step)
+    if kind == "lm":
+        idx = torch.randint(0, 11, (4, 6), generator=g)
+        return idx, torch.roll(idx, -1, dims=1)
+    return torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+
+
+def loss_of(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "lm":
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+    return nn.functional.cross_entropy(out, target)
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
+    raise ValueError(name)
+
+
+def random_schedule(names: Sequence[str], period: int, seed: int) -> Schedule:
+    """Each unit at one or two random iterations: non-contiguous, sometimes empty phases."""
+    g = torch.Generator().manual_seed(seed)
+    assignment = {}
+    for n in names:
+        k = int(torch.randint(1, 3, (1,), generator=g))
+        assignment[n] = sorted({int(torch.randint(0, period, (1,), generator=g)) for _ in range(k)})
+    return Schedule(period=period, assignment=assignment)
+
+
+def reference_partial_local_sgd(
+    make_model: Callable[[], nn.Module],
+    schedule: Schedule,
+    world_size: int,
+    steps: int,
+    optimizer: str,
+    kind: str,
+) -> list[dict[str, torch.Tensor]]:
+    """Partial local SGD written the slow, obvious way: one model copy per rank in one process.
+
+    Each step: every copy computes its local gradient; the units scheduled at h = t mod H
+    have their parameters and floating buffers replaced by the mean over copies; then every
+    copy steps its own optimizer with its own gradient.
+    """
+    torch.manual_seed(0)
+    base = make_model()
+    models = [copy.deepcopy(base) for _ in range(world_size)]
+    optims = [make_optimizer(optimizer, m.parameters()) for m in models]
+    units_per_rank = [sync_units(m) for m in models]
+    for step in range(steps):
+        for rank, (model, opt) in enumerate(zip(models, optims)):
+            opt.zero_grad()
+            x, y = make_batch(kind, rank, step)
+            loss_of(kind, model(x), y).backward()
+        h = step % schedule.period
+        with torch.no_grad():
+            for u_index, unit in enumerate(units_per_rank[0]):
+                if h not in schedule.iterations_of(unit.name):
+                    continue
+                for t_index in range(len(unit.tensors)):
+                    copies = [units_per_rank[r][u_index].tensors[t_index] for r in range(world_size)]
+                    mean = torch.stack(copies).mean(0)
+                    for c in copies:
+                        c.copy_(mean)
+        for opt in optims:
+            opt.step()
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
