@@ -90,9 +90,8 @@ class DreamDDP(nn.Module):
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.link = link
         self.units: list[SyncUnit] = sync_units(module)
-        schedule.check_units([u.name for u in self.units])
+        _check_agreement(self.units, schedule, self.process_group)
         self._schedule = schedule
-        _check_same_model(self.units, self.process_group)
         if broadcast_from_rank0:
             broadcast_tensors(
                 [t for u in self.units for t in u.tensors], 0, self.process_group, cap_bytes=self.bucket_cap_bytes
@@ -303,27 +302,49 @@ class DreamDDP(nn.Module):
             self._in_flight = []
 
 
-def _check_same_model(units: list[SyncUnit], group: dist.ProcessGroup) -> None:
-    """Fail on every rank, naming the first difference, unless all ranks have the same units."""
-    mine = [(u.name, u.signature) for u in units]
+def _check_agreement(units: list[SyncUnit], schedule: Schedule, group: dist.ProcessGroup) -> None:
+    """Raise the same one-line error on every rank unless all agree on model and schedule.
+
+    Checked collectively (one all-gather), so a problem seen by one rank alone fails every
+    rank at once instead of leaving the others waiting in a collective until the timeout.
+    """
+    try:
+        schedule.check_units([u.name for u in units])
+        problem = None
+    except ValueError as err:
+        problem = str(err)
+    mine = ([(u.name, u.signature) for u in units], schedule.period, dict(schedule.assignment), problem)
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
     reference = gathered[0]
-    for rank, theirs in enumerate(gathered):
-        if theirs == reference:
-            continue
-        ref_map, their_map = dict(reference), dict(theirs)
-        for name in list(ref_map) + [n for n in their_map if n not in ref_map]:
-            if name not in their_map:
-                raise ValueError(f"models differ across ranks: rank {rank} has no unit {name!r} that rank 0 has")
-            if name not in ref_map:
-                raise ValueError(f"models differ across ranks: rank {rank} has unit {name!r} that rank 0 lacks")
-            if ref_map[name] != their_map[name]:
-                raise ValueError(
-                    f"models differ across ranks: unit {name!r} is {_describe(their_map[name])} on rank {rank}"
-                    f" but {_describe(ref_map[name])} on rank 0"
-                )
-        raise ValueError(f"models differ across ranks: rank {rank} orders its units differently from rank 0")
+    for rank, (theirs, _, _, _) in enumerate(gathered):  # a different model is the root cause
+        if theirs != reference[0]:
+            raise ValueError(_model_difference(reference[0], theirs, rank))
+    for rank, (_, _, _, their_problem) in enumerate(gathered):
+        if their_problem is not None:
+            raise ValueError(their_problem if rank == dist.get_rank(group) else f"rank {rank}: {their_problem}")
+    for rank, (_, period, assignment, _) in enumerate(gathered):
+        if (period, assignment) != (reference[1], reference[2]):
+            raise ValueError(
+                f"schedules differ across ranks: rank {rank} has period {period} and "
+                f"{sum(map(len, assignment.values()))} syncs, rank 0 period {reference[1]} and "
+                f"{sum(map(len, reference[2].values()))} syncs; give every rank the same schedule"
+            )
+
+
+def _model_difference(reference: list, theirs: list, rank: int) -> str:
+    ref_map, their_map = dict(reference), dict(theirs)
+    for name in list(ref_map) + [n for n in their_map if n not in ref_map]:
+        if name not in their_map:
+            return f"models differ across ranks: rank {rank} has no unit {name!r} that rank 0 has"
+        if name not in ref_map:
+            return f"models differ across ranks: rank {rank} has unit {name!r} that rank 0 lacks"
+        if ref_map[name] != their_map[name]:
+            return (
+                f"models differ across ranks: unit {name!r} is {_describe(their_map[name])} on rank {rank}"
+                f" but {_describe(ref_map[name])} on rank 0"
+            )
+    return f"models differ across ranks: rank {rank} orders its units differently from rank 0"
 
 
 def _describe(signature: tuple[tuple[str, tuple[int, ...], str], ...]) -> str:

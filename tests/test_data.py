@@ -119,7 +119,7 @@ def test_digits_shapes_and_ranges() -> None:
     split = load_digits_split()
     (xt, yt), (xv, yv) = split["train"], split["val"]
     assert len(yt) + len(yv) == 1797
-    assert len(yv) == 359
+    assert len(yv) == 359 and xv.shape == (359, 1, 8, 8)
     assert xt.shape[1:] == (1, 8, 8) and xt.dtype == torch.float32
     assert float(xt.min()) == 0.0 and float(xt.max()) == 1.0
     assert yt.dtype == torch.int64 and set(yt.tolist()) == set(range(10))

@@ -288,3 +288,51 @@ def _unused(rank: int, world: int) -> bool:
 
 def test_units_whose_hooks_never_fire_are_averaged_at_end_of_backward():
     assert run_workers(_unused, 2) == [True, True]
+
+
+# ----------------------------------------------------------------------- bad input
+def _bad_construction(rank: int, world: int, case: str) -> str:
+    torch.manual_seed(0)
+    model = MLP()
+    names = [u.name for u in sync_units(model)]
+    schedule = Schedule.local_sgd(names, 2)
+    if case == "shape" and rank == 1:
+        model.fc2 = nn.Linear(16, 17)
+        model.head = nn.Linear(17, 4)
+    elif case == "extra_unit" and rank == 1:
+        model.extra = nn.Linear(2, 2)
+    elif case == "schedule_one_rank" and rank == 1:
+        schedule = Schedule(period=2, assignment={n: [0] for n in names if n != "bn"})
+    elif case == "schedule_differs" and rank == 1:
+        schedule = Schedule.local_sgd(names, 3)
+    elif case == "unknown_unit":
+        schedule = Schedule(period=2, assignment={**{n: [0] for n in names}, "ghost": [1]})
+    try:
+        DreamDDP(model, schedule)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "case,messages",
+    [
+        ("shape", ["models differ across ranks: unit 'fc2' is fc2.weight[17, 16]:float32, fc2.bias[17]:float32 on rank 1 but fc2.weight[16, 16]:float32, fc2.bias[16]:float32 on rank 0"] * 2),
+        ("extra_unit", ["models differ across ranks: rank 1 has unit 'extra' that rank 0 lacks"] * 2),
+        ("schedule_one_rank", ["rank 1: schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)",
+                               "schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)"]),
+        ("schedule_differs", ["schedules differ across ranks: rank 1 has period 3 and 4 syncs, rank 0 period 2 and 4 syncs; give every rank the same schedule"] * 2),
+        ("unknown_unit", ["schedule names unit 'ghost', which the model does not have (1 unknown in all)"] * 2),
+    ],
+)
+def test_bad_construction_fails_every_rank_with_one_line(case, messages):
+    assert run_workers(_bad_construction, 2, case, timeout=60) == messages
+
+
+def test_bad_arguments_fail_before_any_collective():
+    with pytest.raises(ValueError, match=r"bucket_cap_mb must be a number > 0, got 0"):
+        DreamDDP(MLP(), Schedule.every_step(["fc1"]), bucket_cap_mb=0)
+    with pytest.raises(TypeError, match="schedule must be a dreamddp.Schedule"):
+        DreamDDP(MLP(), {"fc1": [0]})
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        DreamDDP(MLP(), Schedule.every_step(["fc1"]))

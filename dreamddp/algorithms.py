@@ -1,0 +1,203 @@
+"""The training algorithms, each as a small strategy the one training loop drives.
+
+Every strategy wraps the model, builds or wraps the optimizer, says after each iteration how
+long it blocked on communication and how many bytes it sent, and makes the ranks' models
+equal at the end. The loop itself (``train.py``) is the same for all of them, so their
+timings differ only by what each algorithm communicates and when.
+
+- ``none``: no communication at all — the compute-only reference for "how much was hidden".
+- ``ssgd``: torch ``DistributedDataParallel`` (gradient all-reduce overlapped with backward).
+- ``local_sgd``: every parameter averaged every H iterations after the step, bucketed.
+- ``post_local_sgd``: torch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``.
+- ``plsgd``: DreamDDP with H contiguous groups of about equal bytes (no profile).
+- ``dreamddp``: DreamDDP with a schedule file (the scheduler's output), else PLSGD's groups.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+from torch.distributed.optim import PostLocalSGDOptimizer
+
+from .comm import SimulatedLink, average_tensors, sleep_until
+from .config import TrainConfig
+from .ddp import DreamDDP
+from .link_hooks import linked_allreduce_hook, linked_post_local_sgd_hook
+from .schedule import Schedule
+from .units import sync_units
+
+__all__ = ["Strategy", "CommRecord", "build_strategy", "build_optimizer"]
+
+
+@dataclass
+class CommRecord:
+    wait_s: float | None  # host time blocked on communication this iteration (None: not observable)
+    bytes_sent: int
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Strategy:
+    """Base: no communication. Subclasses override what they change."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
+        self.raw_model = model
+        self.cfg = cfg
+        self.link = link
+        self.model: nn.Module = model
+        self.optimizer: torch.optim.Optimizer = build_optimizer(cfg, model.parameters())
+        self.note = ""  # anything the run should report about how this strategy was set up
+
+    def after_step(self, step: int) -> CommRecord:
+        return CommRecord(wait_s=0.0, bytes_sent=0)
+
+    def finish(self) -> None:
+        """Make every rank's model equal (not part of the timed iterations)."""
+        average_tensors([t for u in sync_units(self.raw_model) for t in u.tensors])
+
+    def close(self) -> None:
+        pass
+
+
+class NoCommunication(Strategy):
+    pass
+
+
+class SSGD(Strategy):
+    """torch DDP as users run it; the simulated link, if any, delays its bucket futures."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
+        super().__init__(model, cfg, link)
+        self.model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        if link is not None:
+            self.model.register_comm_hook(link, linked_allreduce_hook)
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+    def after_step(self, step: int) -> CommRecord:
+        return CommRecord(wait_s=None, bytes_sent=self._grad_bytes)
+
+    def finish(self) -> None:
+        pass  # DDP keeps the replicas equal
+
+    def close(self) -> None:
+        # Tear DDP down before the process group goes (an occasional SIGABRT at exit otherwise).
+        del self.model
+        self.model = self.raw_model
+
+
+class LocalSGD(Strategy):
+    """Every parameter and buffer averaged every H iterations after the step (bucketed)."""
+
+    def after_step(self, step: int) -> CommRecord:
+        if (step + 1) % self.cfg.period:
+            return CommRecord(wait_s=0.0, bytes_sent=0)
+        start = time.perf_counter()
+        sent = average_tensors(
+            [t for u in sync_units(self.raw_model) for t in u.tensors],
+            cap_bytes=int(self.cfg.bucket_cap_mb * 2**20),
+            link=self.link,
+        )
+        return CommRecord(wait_s=time.perf_counter() - start, bytes_sent=sent)
+
+
+class _LinkedAverager(PeriodicModelAverager):
+    """torch's PeriodicModelAverager; when it averages, it also pays the simulated link."""
+
+    def __init__(self, link: SimulatedLink | None, nbytes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.link, self.nbytes = link, nbytes
+        self.averaged_last = False
+
+    def average_parameters(self, params) -> None:
+        due = self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
+        deadline = self.link.reserve(self.nbytes) if (due and self.link is not None) else None
+        super().average_parameters(params)
+        sleep_until(deadline)
+        self.averaged_last = due
+
+
+class PostLocalSGD(Strategy):
+    """torch's PostLocalSGD: DDP for ``post_local_warmup`` iterations, then periodic averaging."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
+        super().__init__(model, cfg, link)
+        self.model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        state = PostLocalSGDState(
+            process_group=None,
+            subgroup=None,
+            start_localSGD_iter=cfg.post_local_warmup,
+            post_local_gradient_allreduce=False,  # pure local SGD after warm-up
+        )
+        self._state = state
+        if link is None:
+            self.model.register_comm_hook(state, post_localSGD_hook)
+        else:
+            self.model.register_comm_hook((state, link), linked_post_local_sgd_hook)
+        self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.averager = _LinkedAverager(
+            link, self._param_bytes, period=cfg.period, warmup_steps=cfg.post_local_warmup
+        )
+        self.optimizer = PostLocalSGDOptimizer(optim=build_optimizer(cfg, self.model.parameters()), averager=self.averager)
+
+    def after_step(self, step: int) -> CommRecord:
+        sent = self._param_bytes if self.averager.averaged_last else 0
+        if step < self.cfg.post_local_warmup:
+            sent += self._param_bytes  # gradient all-reduce during warm-up
+        return CommRecord(wait_s=None, bytes_sent=sent)
+
+    def close(self) -> None:
+        del self.model
+        self.model = self.raw_model
+
+
+class PartialLocalSGD(Strategy):
+    """DreamDDP's wrapper, with PLSGD's groups or a given schedule."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
+        super().__init__(model, cfg, link)
+        if cfg.algorithm == "dreamddp" and cfg.schedule:
+            schedule = Schedule.from_json(cfg.schedule)
+            if schedule.period != cfg.period:
+                # The schedule file decides H; say so rather than silently ignoring train.period.
+                self.note = f"schedule {cfg.schedule!r} has period {schedule.period}; train.period={cfg.period} ignored"
+        else:
+            schedule = Schedule.plsgd(sync_units(model), cfg.period)
+            if cfg.algorithm == "dreamddp":
+                self.note = "no schedule file given: using PLSGD's equal-bytes contiguous groups"
+        self.ddp = DreamDDP(model, schedule, bucket_cap_mb=cfg.bucket_cap_mb, link=link)
+        self.model = self.ddp
+        self.schedule = schedule
+
+    def after_step(self, step: int) -> CommRecord:
+        stats = self.ddp.last_stats
+        return CommRecord(wait_s=stats.wait_s, bytes_sent=stats.bytes_sent)
+
+    def finish(self) -> None:
+        self.ddp.average_all()
+
+    def close(self) -> None:
+        self.ddp.remove_hooks()
+
+
+_STRATEGIES: dict[str, type[Strategy]] = {
+    "none": NoCommunication,
+    "ssgd": SSGD,
+    "local_sgd": LocalSGD,
+    "post_local_sgd": PostLocalSGD,
+    "plsgd": PartialLocalSGD,
+    "dreamddp": PartialLocalSGD,
+}
+
+
+def build_strategy(model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> Strategy:
+    return _STRATEGIES[cfg.algorithm](model, cfg, link)

@@ -1,0 +1,69 @@
+"""Link strings, bucketing, and the simulated link's timing on real gloo ranks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dreamddp.comm import LinkSpec, SimulatedLink, average_tensors, pack_buckets
+
+from .dist_utils import run_workers
+
+
+@pytest.mark.parametrize(
+    "text,bps,latency",
+    [("100mbit,20ms", 1e8, 0.02), ("1gbit", 1e9, 0.0), ("20mbit, 50ms", 2e7, 0.05), ("10mbps,1s", 8e7, 1.0), ("500kbit,250us", 5e5, 2.5e-4)],
+)
+def test_link_parse(text, bps, latency):
+    spec = LinkSpec.parse(text)
+    assert spec.bandwidth_bps == pytest.approx(bps) and spec.latency_s == pytest.approx(latency)
+    assert LinkSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text", ["", "fast", "100", "100mbit,20", "100mbit,20ms,1", "0mbit", "-5mbit", "100mbit,20lightyears", "mbit"])
+def test_malformed_link_strings_get_one_line_errors(text):
+    with pytest.raises(ValueError, match="malformed link") as info:
+        LinkSpec.parse(text)
+    assert "\n" not in str(info.value) and repr(text) in str(info.value)
+
+
+def test_pack_buckets_respects_cap_dtype_and_order():
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(1)]
+    assert pack_buckets(ts, cap_bytes=80) == [[0, 1], [2], [3], [4]]
+    assert pack_buckets(ts, cap_bytes=10**6) == [[0, 1, 2], [3], [4]]
+
+
+def test_all_reduce_seconds_follow_ring_traffic():
+    link = SimulatedLink(LinkSpec.parse("8mbit,10ms"), world_size=4)
+    assert link.all_reduce_seconds(1_000_000) == pytest.approx(0.01 + 1.5 * 1_000_000 * 8 / 8e6)
+    assert SimulatedLink(LinkSpec.parse("8mbit,10ms"), world_size=1).all_reduce_seconds(10**6) == 0.0
+
+
+def _timings(rank: int, world: int) -> dict:
+    link = SimulatedLink(LinkSpec.parse("8mbit,50ms"), world)  # 100 kB -> 0.05 + 0.1 s
+    t = torch.full((25_000,), float(rank))
+    start = time.perf_counter()
+    average_tensors([t], link=link)
+    single = time.perf_counter() - start
+    start = time.perf_counter()
+    average_tensors([t.clone(), t.clone()], link=link, cap_bytes=100_000)  # two buckets, serial channel
+    serial = time.perf_counter() - start
+    from dreamddp.comm import BucketAverage
+
+    start = time.perf_counter()
+    pending = BucketAverage([t], None, link)
+    time.sleep(0.2)  # "compute" that hides the transfer
+    pending.wait()
+    overlapped = time.perf_counter() - start
+    return {"single": single, "serial": serial, "overlapped": overlapped, "value": float(t[0]), "bytes": link.stats.bytes}
+
+
+def test_simulated_link_delays_serialises_and_hides_behind_compute():
+    for r in run_workers(_timings, 2):
+        assert r["single"] >= 0.15
+        assert r["serial"] >= 0.30
+        assert r["overlapped"] < 0.2 + 0.1  # 0.15 s of link time fully inside 0.2 s of compute
+        assert r["value"] == 0.5
+        assert r["bytes"] == 4 * 100_000
