@@ -320,9 +320,11 @@ def _check_agreement(units: list[SyncUnit], schedule: Schedule, group: dist.Proc
     for rank, (theirs, _, _, _) in enumerate(gathered):  # a different model is the root cause
         if theirs != reference[0]:
             raise ValueError(_model_difference(reference[0], theirs, rank))
+    if problem is not None:
+        raise ValueError(problem)
     for rank, (_, _, _, their_problem) in enumerate(gathered):
         if their_problem is not None:
-            raise ValueError(their_problem if rank == dist.get_rank(group) else f"rank {rank}: {their_problem}")
+            raise ValueError(f"rank {rank}: {their_problem}")
     for rank, (_, period, assignment, _) in enumerate(gathered):
         if (period, assignment) != (reference[1], reference[2]):
             raise ValueError(
