@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,8 +239,14 @@ class DreamDDP(nn.Module):
 
     # ---------------------------------------------------------------- hooks
     def _make_hook(self, unit_id: int):
+        # A weak reference: a model that outlives its wrapper trains on without communicating,
+        # instead of keeping the wrapper alive and all-reducing through a dead process group.
+        wrapper = weakref.ref(self)
+
         def hook(_param: torch.Tensor) -> None:
-            self._on_grad_ready(unit_id)
+            ddp = wrapper()
+            if ddp is not None:
+                ddp._on_grad_ready(unit_id)
 
         return hook
 
@@ -250,7 +257,6 @@ class DreamDDP(nn.Module):
         self._observed = []
         self._next_bucket = 0
         self._in_flight = []
-        self._wait_s = 0.0
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _on_grad_ready(self, unit_id: int) -> None:

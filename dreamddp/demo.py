@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from .runner import TrainRunFailed, run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "gpt-tiny.toml"
@@ -43,26 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_algorithm(args: argparse.Namespace, algorithm: str, out: Path) -> dict[str, Any]:
-    log = out / f"{algorithm}.jsonl"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        "-m", "dreamddp.train", "--config", args.config,
-        "--set", f"train.algorithm={algorithm}",
-        "--set", f"train.steps={args.steps}",
-        "--set", f"train.period={args.period}",
-        "--set", f"train.link={args.link}",
-        "--set", f"train.log={log}",
-        "--set", "train.progress=false",
-        *[x for item in args.set for x in ("--set", item)],
+    overrides = [
+        f"train.algorithm={algorithm}",
+        f"train.steps={args.steps}",
+        f"train.period={args.period}",
+        f"train.link={args.link}",
+        "train.progress=false",
+        *args.set,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise SystemExit(f"dreamddp demo: {algorithm} failed (exit {proc.returncode}):\n{tail}")
-    summary = json.loads(log.read_text().strip().splitlines()[-1])["summary"]
-    summary["wall_s"] = time.perf_counter() - started
+    try:
+        summary = run_torchrun(args.config, overrides, out / f"{algorithm}.jsonl", nproc=args.nproc)
+    except TrainRunFailed as err:
+        raise SystemExit(f"dreamddp demo: {algorithm} failed: {err}") from None
+    summary.pop("records")
     return summary
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dreamddp.runner import run_torchrun
+
 REPO = Path(__file__).parents[1]
 TINY_GPT = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
             "data.batch_size=4", "data.seq_len=16", "data.max_bytes=200000", "train.steps=8", "train.period=4",
@@ -17,17 +19,11 @@ TINY_GPT = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.bloc
 
 
 def torchrun(tmp_path: Path, config: str, overrides: list[str], nproc: int = 2) -> dict:
-    log = tmp_path / "log.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "dreamddp.train", "--config", str(REPO / "configs" / config), "--set", f"train.log={log}"]
-    for item in overrides:
-        cmd += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == list(range(len([r for r in records if "loss" in r])))
-    return records[-1]["summary"]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    summary = run_torchrun(REPO / "configs" / config, overrides, tmp_path / "log.jsonl", nproc=nproc, timeout=180, cwd=tmp_path)
+    steps = [r["step"] for r in summary["records"] if "loss" in r]
+    assert steps == list(range(len(steps))) and steps
+    return summary
 
 
 def model_bytes(config_overrides: list[str]) -> int:

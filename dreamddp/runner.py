@@ -1,0 +1,60 @@
+"""Launch the trainer under torchrun as a subprocess and return its summary.
+
+The demo, the benchmarks and the integration tests all start real multi-process runs the
+same way; this is that one way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainRunFailed", "run_torchrun"]
+
+
+class TrainRunFailed(RuntimeError):
+    pass
+
+
+def run_torchrun(
+    config: str | os.PathLike[str],
+    overrides: Sequence[str],
+    log: str | os.PathLike[str],
+    *,
+    nproc: int = 2,
+    timeout: float | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Run ``torchrun --standalone -m dreamddp.train`` and return rank 0's summary record.
+
+    The run's wall time (start-up included) is added as ``wall_s``. A failing run raises
+    ``TrainRunFailed`` with the last lines of its output.
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "dreamddp.train", "--config", os.fspath(config), "--set", f"train.log={os.fspath(log)}",
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        raise TrainRunFailed(f"torchrun run did not finish within {timeout}s: {' '.join(cmd)}") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+        raise TrainRunFailed(f"torchrun exited {proc.returncode}:\n{tail}")
+    records = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    summary = records[-1]["summary"]
+    summary["wall_s"] = time.perf_counter() - started
+    summary["records"] = records
+    return summary
