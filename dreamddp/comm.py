@@ -31,7 +31,6 @@ __all__ = [
     "BucketAverage",
     "pack_buckets",
     "average_tensors",
-    "broadcast_tensors",
     "average_op",
 ]
 
@@ -296,26 +295,3 @@ def average_tensors(
     for bucket in pending:
         bucket.wait()
     return sum(b.nbytes for b in pending)
-
-
-def broadcast_tensors(
-    tensors: Sequence[torch.Tensor],
-    src_group_rank: int = 0,
-    group: dist.ProcessGroup | None = None,
-    *,
-    cap_bytes: int = 25 * 2**20,
-) -> None:
-    """Overwrite ``tensors`` with the group rank ``src_group_rank``'s values, bucketed."""
-    src = dist.get_global_rank(group, src_group_rank) if group is not None else src_group_rank
-    for bucket in pack_buckets(tensors, cap_bytes):
-        items = [tensors[i] for i in bucket]
-        if len(items) == 1 and items[0].is_contiguous():
-            dist.broadcast(items[0], src=src, group=group)
-            continue
-        flat = torch.cat([t.detach().reshape(-1) for t in items])
-        dist.broadcast(flat, src=src, group=group)
-        offset = 0
-        for t in items:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n

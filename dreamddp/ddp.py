@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import BucketAverage, SimulatedLink, average_tensors, broadcast_tensors, pack_buckets
+from .comm import BucketAverage, SimulatedLink
+from .flat import FlatLayout
 from .schedule import Schedule
 from .units import SyncUnit, sync_units
 
@@ -50,8 +51,12 @@ class IterationStats:
 
 @dataclass
 class _Bucket:
+    """A run of units adjacent in the flat layout: one in-place all-reduce of ``[start, end)``."""
+
     unit_ids: frozenset[int]
-    tensors: list[torch.Tensor]
+    key: int
+    start: int
+    end: int
 
 
 class DreamDDP(nn.Module):
@@ -93,11 +98,6 @@ class DreamDDP(nn.Module):
         self.units: list[SyncUnit] = sync_units(module)
         _check_agreement(self.units, schedule, self.process_group)
         self._schedule = schedule
-        if broadcast_from_rank0:
-            broadcast_tensors(
-                [t for u in self.units for t in u.tensors], 0, self.process_group, cap_bytes=self.bucket_cap_bytes
-            )
-
         self._iteration = 0
         self._sync_enabled = True
         self._order_rebuilt = False
@@ -106,7 +106,11 @@ class DreamDDP(nn.Module):
         # gradient (frozen or buffer-only) last — they can only be averaged once backward ends.
         backward = list(reversed(range(len(self.units))))
         self._order = [i for i in backward if self._grad_params[i]] + [i for i in backward if not self._grad_params[i]]
-        self._plans = self._build_plans()
+        self._lay_out()
+        if broadcast_from_rank0:
+            src = dist.get_global_rank(self.process_group, 0)
+            for chunk in self._storage_chunks():
+                dist.broadcast(chunk, src=src, group=self.process_group)
         self.last_stats = IterationStats()
         self.total_bytes_sent = 0
 
@@ -128,6 +132,8 @@ class DreamDDP(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._in_backward:
             self._abandon_backward()
+        if not self._layout.intact():
+            self._lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
         return self.module(*args, **kwargs)
 
     @property
@@ -166,10 +172,12 @@ class DreamDDP(nn.Module):
         """Average every unit now (before evaluation, checkpoints, the end of training)."""
         if self._in_backward:
             raise RuntimeError("average_all() cannot be called during backward")
-        tensors = [t for u in self.units for t in u.tensors]
-        self.total_bytes_sent += average_tensors(
-            tensors, self.process_group, cap_bytes=self.bucket_cap_bytes, link=self.link
-        )
+        if not self._layout.intact():
+            self._lay_out()
+        pending = [BucketAverage([chunk], self.process_group, self.link) for chunk in self._storage_chunks()]
+        for bucket in pending:
+            bucket.wait()
+        self.total_bytes_sent += sum(b.nbytes for b in pending)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"iteration": self._iteration, "period": self._schedule.period}
@@ -191,24 +199,39 @@ class DreamDDP(nn.Module):
         self._hook_handles = []
 
     # ------------------------------------------------------------- planning
+    def _lay_out(self) -> None:
+        """(Re)build the flat storage in the current order, and the bucket plans on top of it."""
+        current = sync_units(self.module)  # buffers are held by reference: take today's
+        self._layout = FlatLayout(self.module, current, self._order)
+        self.units = sync_units(self.module)  # ... and again, now that they live in the flat storage
+        self._plans = self._build_plans()
+
+    def _storage_chunks(self) -> list[torch.Tensor]:
+        caps = {k: max(1, self.bucket_cap_bytes // f.element_size()) for k, f in enumerate(self._layout.flats)}
+        return self._layout.chunks(caps)
+
     def _build_plans(self) -> list[list[_Bucket]]:
-        """For each iteration of the period, its buckets in launch order."""
+        """For each iteration of the period, its buckets in launch order.
+
+        Scheduled units are walked in layout (= expected backward) order; a unit's slices
+        extend the open bucket while they are adjacent in the same flat buffer and the bucket
+        stays within ``bucket_cap_mb``. Every bucket is therefore one contiguous view.
+        """
         plans = []
         for h in range(self._schedule.period):
             scheduled = set(self._schedule.units_at(h))
-            ordered = [i for i in self._order if self.units[i].name in scheduled]
-            tensors: list[torch.Tensor] = []
-            owners: list[int] = []
-            for i in ordered:
-                for t in self.units[i].tensors:
-                    tensors.append(t)
-                    owners.append(i)
-            plans.append(
-                [
-                    _Bucket(frozenset(owners[j] for j in b), [tensors[j] for j in b])
-                    for b in pack_buckets(tensors, self.bucket_cap_bytes)
-                ]
-            )
+            buckets: list[_Bucket] = []
+            for unit_id in self._order:
+                if self.units[unit_id].name not in scheduled:
+                    continue
+                for seg in self._layout.segments[unit_id]:
+                    cap = max(1, self.bucket_cap_bytes // self._layout.flats[seg.key].element_size())
+                    last = buckets[-1] if buckets else None
+                    if last is not None and last.key == seg.key and last.end == seg.start and seg.end - last.start <= cap:
+                        buckets[-1] = _Bucket(last.unit_ids | {unit_id}, seg.key, last.start, seg.end)
+                    else:
+                        buckets.append(_Bucket(frozenset({unit_id}), seg.key, seg.start, seg.end))
+            plans.append(buckets)
         return plans
 
     def _rebuild_order_from_rank0(self) -> None:
@@ -220,8 +243,10 @@ class DreamDDP(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device())
         order_t = torch.tensor(order, dtype=torch.int64, device=device)
         dist.broadcast(order_t, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
-        self._order = order_t.tolist()
-        self._plans = self._build_plans()
+        new_order = order_t.tolist()
+        if new_order != self._order:
+            self._order = new_order
+            self._lay_out()
 
     @torch.no_grad()
     def _abandon_backward(self) -> None:
@@ -277,7 +302,8 @@ class DreamDDP(nn.Module):
             bucket = plan[self._next_bucket]
             if not force and not all(self._ready[i] for i in bucket.unit_ids):
                 return
-            self._in_flight.append(BucketAverage(bucket.tensors, self.process_group, self.link))
+            view = self._layout.view(bucket.key, bucket.start, bucket.end)
+            self._in_flight.append(BucketAverage([view], self.process_group, self.link))
             self._next_bucket += 1
 
     @torch.no_grad()

@@ -336,3 +336,53 @@ def test_bad_arguments_fail_before_any_collective():
         DreamDDP(MLP(), {"fc1": [0]})
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         DreamDDP(MLP(), Schedule.every_step(["fc1"]))
+
+
+# ------------------------------------------------------------ in place, no extra memory
+def _in_place(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = MLP()
+    units = sync_units(model)
+    ddp = DreamDDP(model, Schedule.plsgd(units, 2))
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages |= {b.untyped_storage().data_ptr() for n, b in model.named_buffers() if b.is_floating_point()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    real_cat, cats, buckets = torch.cat, [], []
+
+    def counting_cat(*args, **kwargs):
+        cats.append(1)
+        return real_cat(*args, **kwargs)
+
+    for step in range(4):
+        opt.zero_grad()
+        x, y = make_batch("vector", rank, step)
+        loss = loss_of("vector", ddp(x), y)
+        torch.cat = counting_cat
+        try:
+            loss.backward()
+        finally:
+            torch.cat = real_cat
+        buckets.append(ddp.last_stats.buckets)
+        opt.step()
+    # Anything that moves the storage (here: a dtype change) is noticed and laid out again.
+    model.double()
+    ddp(make_batch("vector", rank, 9)[0].double()).sum().backward()
+    relaid = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    synced = all(torch.equal(t, o) for u in ddp.units if u.name in ddp.last_stats.units for t in u.tensors for o in _gather(t))
+    try:
+        model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+        ddp(make_batch("vector", rank, 9)[0].double())
+        replaced = "no error"
+    except RuntimeError as err:
+        replaced = str(err)
+    return {"storages": len(storages), "cats": len(cats), "buckets": buckets, "relaid": len(relaid),
+            "dtype": str(model.fc1.weight.dtype), "synced_after_relayout": synced, "replaced": replaced}
+
+
+def test_averaging_is_in_place_on_one_flat_storage():
+    for r in run_workers(_in_place, 2):
+        assert r["storages"] == 1  # every parameter and float buffer is a view of one buffer
+        assert r["cats"] == 0  # no coalescing copies during backward
+        assert r["buckets"] == [1, 1, 1, 1]  # a contiguous group is one in-place all-reduce
+        assert r["relaid"] == 1 and r["dtype"] == "torch.float64" and r["synced_after_relayout"]
+        assert r["replaced"].startswith("parameter 'head.weight' was replaced by a new object")
