@@ -9,26 +9,13 @@ tied embedding / output matrix) and ``lm_head`` last.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def require_positive_ints(config: object, names: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` if any of ``names`` on ``config`` is not an int >= 1.
-
-    Shared by the model configs so that every bad value produces the same
-    one-line message naming the class, the field and the value.  ``bool`` is
-    rejected explicitly because ``True`` would otherwise pass as ``1``.
-    """
-    owner = type(config).__name__
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+from dreamddp.models.common import check_token_ids, init_decoder_weights, require_positive_ints
 
 
 @dataclass
@@ -125,33 +112,10 @@ class GPT(nn.Module):
         # Weight tying: one Parameter object shared by input and output layers,
         # so it appears once in parameters() and is owned by wte.
         self.lm_head.weight = self.wte.weight
-        self._init_weights(config)
-
-    def _init_weights(self, config: GPTConfig) -> None:
-        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled down.
-
-        Scaling the projections that write into the residual stream by
-        ``1/sqrt(2*n_layer)`` keeps the residual's variance roughly independent
-        of depth (each block adds two such contributions).
-        """
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+        init_decoder_weights(self, [p for b in self.blocks for p in (b.attn.proj, b.mlp.proj)], config.n_layer)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.dim() != 2:
-            raise ValueError(f"GPT expects token ids of shape [B, T], got {tuple(idx.shape)}")
-        t = idx.shape[1]
-        if t > self.config.block_size:
-            raise ValueError(
-                f"sequence length T={t} exceeds GPTConfig.block_size={self.config.block_size}"
-            )
+        t = check_token_ids(idx, self.config.block_size, "GPT")
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:

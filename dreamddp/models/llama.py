@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamddp.models.gpt import require_positive_ints
+from dreamddp.models.common import check_token_ids, init_decoder_weights, require_positive_ints
 
 
 def _positive_float(config: object, name: str) -> None:
@@ -190,26 +190,10 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights(config)
-
-    def _init_weights(self, config: LlamaConfig) -> None:
-        """N(0, 0.02) for all matrices; residual-writing ``o``/``down`` scaled by 1/sqrt(2*n_layer)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
-        for layer in self.layers:
-            nn.init.normal_(layer.attn.o.weight, mean=0.0, std=resid_std)
-            nn.init.normal_(layer.ffn.down.weight, mean=0.0, std=resid_std)
+        init_decoder_weights(self, [p for layer in self.layers for p in (layer.attn.o, layer.ffn.down)], config.n_layer)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.dim() != 2:
-            raise ValueError(f"Llama expects token ids of shape [B, T], got {tuple(idx.shape)}")
-        t = idx.shape[1]
-        if t > self.config.block_size:
-            raise ValueError(
-                f"sequence length T={t} exceeds LlamaConfig.block_size={self.config.block_size}"
-            )
+        t = check_token_ids(idx, self.config.block_size, "Llama")
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.tok_emb(idx)
         for layer in self.layers:

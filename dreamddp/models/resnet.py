@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dreamddp.models.gpt import require_positive_ints
+from dreamddp.models.common import require_positive_ints
 
 _STAGES: dict[int, list[int]] = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}
 
