@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "train": ("dreamddp.train", "train a model (run under torchrun for several workers)"),
+    "profile": ("profiler.cli", "measure per-unit compute and fit the comm model (under torchrun)"),
     "demo": ("dreamddp.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
 }
 

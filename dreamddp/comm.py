@@ -125,7 +125,7 @@ class _DeadlineThread:
                 while not self._heap:
                     self._cv.wait()
                 deadline, _, fn = self._heap[0]
-                delay = deadline - time.monotonic()
+                delay = deadline - time.perf_counter()
                 if delay > 0:
                     self._cv.wait(timeout=delay)
                     continue
@@ -173,7 +173,7 @@ class SimulatedLink:
         """Book the channel for an all-reduce of ``nbytes`` issued now; return its finish time."""
         seconds = self.all_reduce_seconds(nbytes)
         with self._lock:
-            start = max(time.monotonic(), self._channel_free)
+            start = max(time.perf_counter(), self._channel_free)
             self._channel_free = start + seconds
             self.stats.collectives += 1
             self.stats.bytes += nbytes
@@ -202,7 +202,7 @@ class SimulatedLink:
 def sleep_until(deadline: float | None) -> None:
     if deadline is None:
         return
-    delay = deadline - time.monotonic()
+    delay = deadline - time.perf_counter()
     if delay > 0:
         time.sleep(delay)
 
@@ -253,6 +253,7 @@ class BucketAverage:
         tensors: Sequence[torch.Tensor],
         group: dist.ProcessGroup | None,
         link: SimulatedLink | None = None,
+        track_done: bool = False,
     ) -> None:
         self.tensors = list(tensors)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
@@ -265,6 +266,15 @@ class BucketAverage:
         self._world = dist.get_world_size(group)
         self.work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
         self.deadline = link.reserve(self.nbytes) if link is not None else None
+        self.done_ns: int | None = None  # host time the collective completed (track_done, CPU)
+        if track_done and self.buffer.device.type == "cpu":
+            self.work.get_future().add_done_callback(self._mark_done)
+
+    def _mark_done(self, _fut: torch.futures.Future) -> None:
+        finished = time.perf_counter_ns()
+        if self.deadline is not None:
+            finished = max(finished, int(self.deadline * 1e9))
+        self.done_ns = finished
 
     def wait(self) -> None:
         self.work.wait()

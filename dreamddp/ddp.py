@@ -18,6 +18,7 @@ backward, as torch DDP does — the readiness order rank 0 actually observed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 import weakref
@@ -32,9 +33,12 @@ from torch import nn
 from .comm import BucketAverage, SimulatedLink
 from .flat import FlatLayout
 from .schedule import Schedule
+from .timing import Clock, ObservedBucket, ObservedIteration
 from .units import SyncUnit, sync_units
 
-__all__ = ["DreamDDP", "IterationStats"]
+__all__ = ["DreamDDP", "IterationStats", "TIMINGS_KEPT"]
+
+TIMINGS_KEPT = 1024  # iterations of observed timings a wrapper keeps (record_timings=True)
 
 
 @dataclass
@@ -70,6 +74,10 @@ class DreamDDP(nn.Module):
         bucket_cap_mb: largest coalesced all-reduce; small units are packed together.
         link: optional ``SimulatedLink`` that delays every collective like a slow network.
         broadcast_from_rank0: start every rank from rank 0's parameters and buffers.
+        record_timings: keep, per synchronising iteration, when each unit's gradients became
+            ready and when each bucket's all-reduce was launched and finished (read with
+            ``observed_timings()``; the profiler refreshes a Profile from them). Off by default;
+            when on, hooks only take timestamps — nothing waits for the device.
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class DreamDDP(nn.Module):
         *,
         link: SimulatedLink | None = None,
         broadcast_from_rank0: bool = True,
+        record_timings: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(schedule, Schedule):
@@ -113,6 +122,15 @@ class DreamDDP(nn.Module):
                 dist.broadcast(chunk, src=src, group=self.process_group)
         self.last_stats = IterationStats()
         self.total_bytes_sent = 0
+        self._clock: Clock | None = None
+        if record_timings:
+            device = next((t.device for u in self.units for t in u.tensors), torch.device("cpu"))
+            self._clock = Clock(device)
+        self._raw_timings: collections.deque[tuple] = collections.deque(maxlen=TIMINGS_KEPT)
+        self._observed_timings: collections.deque[ObservedIteration] = collections.deque(maxlen=TIMINGS_KEPT)
+        self._forward_mark: Any = None
+        self._ready_marks: dict[int, Any] = {}
+        self._launch_marks: list[Any] = []
 
         # Per-backward state.
         self._in_backward = False
@@ -134,7 +152,10 @@ class DreamDDP(nn.Module):
             self._abandon_backward()
         if not self._layout.intact():
             self._lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
-        return self.module(*args, **kwargs)
+        output = self.module(*args, **kwargs)
+        if self._clock is not None and self._sync_enabled:
+            self._forward_mark = self._clock.mark()
+        return output
 
     @property
     def schedule(self) -> Schedule:
@@ -191,6 +212,44 @@ class DreamDDP(nn.Module):
                 f"period {self._schedule.period}"
             )
         self._iteration = state["iteration"]
+
+    def observed_timings(self) -> list[ObservedIteration]:
+        """What the last (up to TIMINGS_KEPT) synchronising iterations really did, in seconds.
+
+        Converting CUDA events needs one device synchronisation, done here, once, not in hooks.
+        """
+        if self._raw_timings:
+            assert self._clock is not None
+            self._clock.settle()
+            while self._raw_timings:
+                self._observed_timings.append(self._convert(*self._raw_timings.popleft()))
+        return list(self._observed_timings)
+
+    def _record_iteration(self) -> None:
+        """Keep this backward's raw marks; converted to seconds only when someone asks."""
+        plan = self._plans[self.phase]
+        end = self._clock.mark()
+        buckets = []
+        for bucket_plan, work, launch in zip(plan, self._in_flight, self._launch_marks):
+            done = work.done_ns if not self._clock.cuda else end
+            names = [self.units[i].name for i in sorted(bucket_plan.unit_ids)]
+            buckets.append((names, work.nbytes, launch, done if done is not None else end))
+        origin = self._forward_mark if self._forward_mark is not None else (self._launch_marks or [end])[0]
+        self._raw_timings.append((self._iteration, self.phase, origin, dict(self._ready_marks), buckets, end))
+
+    def _convert(self, iteration, phase, origin, ready, buckets, end) -> ObservedIteration:
+        clock = self._clock
+
+        def seconds(mark: Any) -> float:
+            return clock.seconds(origin, mark)
+
+        return ObservedIteration(
+            iteration=iteration,
+            phase=phase,
+            ready_s={self.units[i].name: seconds(m) for i, m in ready.items()},
+            buckets=[ObservedBucket(names, nbytes, seconds(launch), seconds(done)) for names, nbytes, launch, done in buckets],
+            backward_end_s=seconds(end),
+        )
 
     def remove_hooks(self) -> None:
         """Detach from the model; it trains as a plain module afterwards."""
@@ -282,6 +341,8 @@ class DreamDDP(nn.Module):
         self._observed = []
         self._next_bucket = 0
         self._in_flight = []
+        self._ready_marks = {}
+        self._launch_marks = []
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _on_grad_ready(self, unit_id: int) -> None:
@@ -291,6 +352,8 @@ class DreamDDP(nn.Module):
             self._start_backward()
         self._grads_left[unit_id] -= 1
         if self._grads_left[unit_id] == 0:
+            if self._clock is not None:
+                self._ready_marks[unit_id] = self._clock.mark()
             self._ready[unit_id] = True
             self._observed.append(unit_id)
             self._launch_ready_buckets(force=False)
@@ -303,7 +366,11 @@ class DreamDDP(nn.Module):
             if not force and not all(self._ready[i] for i in bucket.unit_ids):
                 return
             view = self._layout.view(bucket.key, bucket.start, bucket.end)
-            self._in_flight.append(BucketAverage([view], self.process_group, self.link))
+            if self._clock is not None:
+                self._launch_marks.append(self._clock.mark())
+            self._in_flight.append(
+                BucketAverage([view], self.process_group, self.link, track_done=self._clock is not None)
+            )
             self._next_bucket += 1
 
     @torch.no_grad()
@@ -315,6 +382,8 @@ class DreamDDP(nn.Module):
             for bucket in self._in_flight:
                 bucket.wait()
             wait_s = time.perf_counter() - start
+            if self._clock is not None:
+                self._record_iteration()
             sent = sum(b.nbytes for b in self._in_flight)
             self.last_stats = IterationStats(
                 iteration=self._iteration,

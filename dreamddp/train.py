@@ -36,7 +36,7 @@ from .data import build_data
 from .models import build_model, model_task
 from .units import sync_units
 
-__all__ = ["main", "run"]
+__all__ = ["init_process_group", "loss_for_task", "main", "run"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """Train as configured; return the summary on rank 0 (None elsewhere)."""
-    device = _init_process_group(cfg)
+    device = init_process_group(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         torch.manual_seed(cfg.train.seed)
@@ -98,7 +98,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
     log.write({"event": "start", "config": cfg.to_dict(), "world_size": world, "device": str(device),
                "torch": torch.__version__, "link": str(cfg.train.link_spec) if link else "real",
                "note": strategy.note})
-    loss_fn = _loss_fn(task)
+    loss_fn = loss_for_task(task)
     units = sync_units(strategy.raw_model)
     samples_per_step = cfg.data.batch_size * (cfg.data.seq_len if task == "lm" else 1) * world
     iter_times, waits, sent_total = [], [], 0
@@ -194,13 +194,13 @@ def _evaluate(model: nn.Module, data, loss_fn, n_batches: int, device) -> float:
     return statistics.fmean(losses)
 
 
-def _loss_fn(task: str):
+def loss_for_task(task: str):
     if task == "lm":
         return lambda out, y: nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     return nn.functional.cross_entropy
 
 
-def _init_process_group(cfg: ExperimentConfig) -> torch.device:
+def init_process_group(cfg: ExperimentConfig) -> torch.device:
     """Join the torchrun job (or run alone when started without torchrun)."""
     backend = cfg.train.backend
     if backend == "auto":

@@ -1,6 +1,15 @@
-"""Per-unit compute timing and a fitted communication model for the scheduler.
+"""Measure what the scheduler needs: per-unit compute times and the cost of an all-reduce.
 
-This package is filled by the profiler work (per-unit forward/backward times measured with
-hooks, an alpha-beta fit of all-reduce time on the live process group, and the versioned
-``Profile`` type). It exists now so the package layout, and its install, are final.
+- ``profile_compute``: per sync unit, in backward order, forward time and backward window,
+  from hooks on the plain model (no device syncs inside hooks);
+- ``profile_comm``: an alpha-beta fit of all-reduce time on the live process group;
+- ``Profile``: both together, as versioned JSON (``dreamddp.profile/1``);
+- ``refresh`` / ``compare``: re-measure a profile from a running job's observed timings.
 """
+
+from .comm import profile_comm
+from .compute import profile_compute
+from .observed import compare, refresh
+from .profile import PROFILE_FORMAT, CommModel, Profile, Spread, UnitProfile
+
+__all__ = ["PROFILE_FORMAT", "CommModel", "Profile", "Spread", "UnitProfile", "compare", "profile_comm", "profile_compute", "refresh"]
