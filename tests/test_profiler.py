@@ -195,3 +195,14 @@ def test_wrapper_records_real_timings_and_refresh_recovers_them():
             assert seconds == pytest.approx(BWD[int(name)], rel=0.15), (name, seconds)
         assert r["alpha"] == pytest.approx(0.010, rel=0.15)
         assert r["beta"] == pytest.approx(8 / 80e6, rel=0.15)
+
+
+@pytest.mark.parametrize("flag,value", [("--iters", "0"), ("--repeats", "0")])
+def test_profile_cli_rejects_bad_counts_in_one_line(flag, value):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dreamddp.cli", "profile", "--out", "x.json", flag, value],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "dreamddp profile: error: need --iters >= 1" in proc.stderr
