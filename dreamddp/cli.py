@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("dreamddp.train", "train a model (run under torchrun for several workers)"),
     "profile": ("profiler.cli", "measure per-unit compute and fit the comm model (under torchrun)"),
+    "plan": ("dreamddp.scheduler.cli", "plan a schedule from a profile and predict every method's time"),
     "demo": ("dreamddp.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
 }
 
