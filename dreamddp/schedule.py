@@ -11,12 +11,12 @@ from a versioned JSON file, and validated against the model's units when DreamDD
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .jsonio import read_json, write_json_atomic
 from .units import SyncUnit
 
 __all__ = ["Schedule", "SCHEDULE_FORMAT"]
@@ -159,23 +159,12 @@ class Schedule:
             raise ValueError(f"{source}: {err}") from None
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write the schedule atomically (temp file + rename), so readers never see half a file."""
-        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        """Write the schedule atomically, so readers never see half a file."""
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Schedule:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"schedule file {os.fspath(path)!r} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"schedule file {os.fspath(path)!r} is not valid JSON: {err}") from None
-        return cls.from_dict(data, source=f"schedule file {os.fspath(path)!r}")
+        return cls.from_dict(read_json(path, "schedule"), source=f"schedule file {os.fspath(path)!r}")
 
 
 def split_equal_bytes(sizes: Sequence[int], groups: int) -> list[list[int]]:

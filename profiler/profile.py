@@ -10,12 +10,13 @@ where it was measured. Stored as versioned JSON (``"format": "dreamddp.profile/1
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from dreamddp.jsonio import read_json, write_json_atomic
 
 __all__ = ["PROFILE_FORMAT", "CommModel", "Profile", "Spread", "UnitProfile"]
 
@@ -257,23 +258,11 @@ class Profile:
             raise ValueError(f"{source}: {err}") from None
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Profile:
-        source = f"profile file {os.fspath(path)!r}"
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{source} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source} is not valid JSON: {err}") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(read_json(path, "profile"), f"profile file {os.fspath(path)!r}")
 
 
 def _check_time(what: str, value: Any) -> None:
