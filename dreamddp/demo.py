@@ -1,8 +1,11 @@
 """``make demo``: S-SGD, Local SGD and DreamDDP side by side over a simulated slow link.
 
-Runs the tiny GPT on the standard-library byte corpus with torchrun once per algorithm —
-same model, same data, same link (default 100 Mbit/s, 20 ms per collective) — plus a run
-with no communication at all, the compute-only reference. Then prints, per algorithm, the
+Profiles the tiny GPT on the cluster (``dreamddp profile``, over the same link), plans
+DreamDDP's schedule from that profile (``dreamddp.plan``), then runs the model on the
+standard-library byte corpus with torchrun once per algorithm — same model, same data, same
+link (default 100 Mbit/s, 20 ms per collective) — plus a run with no communication at all,
+the compute-only reference. PLSGD (equal-bytes contiguous groups, no profile) is shown too,
+so the planner's contribution is visible on its own. Then prints, per algorithm, the
 time per iteration, the link time it used per iteration, the share of that link time hidden
 behind computation, and the final validation loss.
 
@@ -18,7 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .runner import TrainRunFailed, run_torchrun
+from profiler import Profile
+
+from .runner import TrainRunFailed, run_torchrun, torchrun
+from .scheduler import plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "gpt-tiny.toml"
@@ -35,19 +41,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--period", type=int, default=4, help="H for the local methods")
     parser.add_argument("--link", default="100mbit,20ms", help="simulated link, e.g. 100mbit,20ms")
-    parser.add_argument("--algorithms", default="ssgd,local_sgd,dreamddp")
+    parser.add_argument("--algorithms", default="ssgd,local_sgd,plsgd,dreamddp")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     return parser.parse_args(argv)
 
 
-def run_algorithm(args: argparse.Namespace, algorithm: str, out: Path) -> dict[str, Any]:
+def plan_schedule(args: argparse.Namespace, out: Path) -> Path:
+    """Profile on the live (simulated-link) cluster, then plan: the schedule DreamDDP trains with."""
+    profile_path, schedule_path = out / "profile.json", out / "schedule.json"
+    extra = [x for item in [f"train.link={args.link}", *args.set] for x in ("--set", item)]
+    try:
+        torchrun(["dreamddp.cli", "profile", "--config", args.config, "--out", str(profile_path),
+                  "--iters", "10", "--warmup", "3", *extra], nproc=args.nproc)
+    except TrainRunFailed as err:
+        raise SystemExit(f"dreamddp demo: profiling failed: {err}") from None
+    profile = Profile.from_json(profile_path)
+    schedule = plan(profile, args.period)
+    schedule.to_json(schedule_path)
+    predicted = simulate(profile, schedule).iteration_s
+    print(f"  profiled {len(profile.units)} units and planned H={args.period} "
+          f"({schedule.syncs_per_period()} syncs per period; predicted {predicted:.3f} s/iteration)", flush=True)
+    return schedule_path
+
+
+def run_algorithm(args: argparse.Namespace, algorithm: str, out: Path, schedule: Path | None = None) -> dict[str, Any]:
     overrides = [
         f"train.algorithm={algorithm}",
         f"train.steps={args.steps}",
         f"train.period={args.period}",
         f"train.link={args.link}",
         "train.progress=false",
+        *([f"train.schedule={schedule}"] if schedule is not None and algorithm == "dreamddp" else []),
         *args.set,
     ]
     try:
@@ -93,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         f"H={args.period}, {args.steps} iterations each",
         flush=True,
     )
+    schedule = plan_schedule(args, out) if "dreamddp" in algorithms else None
     reference = run_algorithm(args, "none", out)
     compute_s = reference["iter_s"]
     print(f"  compute only: {compute_s:.3f} s/iteration ({reference['wall_s']:.0f} s)", flush=True)
     results: dict[str, dict[str, Any]] = {}
     for algorithm in algorithms:
-        results[algorithm] = run_algorithm(args, algorithm, out)
+        results[algorithm] = run_algorithm(args, algorithm, out, schedule)
         print(f"  {algorithm}: {results[algorithm]['iter_s']:.3f} s/iteration ({results[algorithm]['wall_s']:.0f} s)", flush=True)
     table = format_table(results, compute_s)
     print()

@@ -15,11 +15,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainRunFailed", "run_torchrun"]
+__all__ = ["TrainRunFailed", "run_torchrun", "torchrun"]
 
 
 class TrainRunFailed(RuntimeError):
     pass
+
+
+def torchrun(
+    module_args: Sequence[str],
+    *,
+    nproc: int = 2,
+    timeout: float | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> str:
+    """Run ``torchrun --standalone --nproc-per-node N -m <module_args>``; return its stdout.
+
+    A failing run raises ``TrainRunFailed`` with the last lines of its output.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", *module_args]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        raise TrainRunFailed(f"torchrun run did not finish within {timeout}s: {' '.join(cmd)}") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+        raise TrainRunFailed(f"torchrun exited {proc.returncode}:\n{tail}")
+    return proc.stdout
 
 
 def run_torchrun(
@@ -31,28 +56,15 @@ def run_torchrun(
     timeout: float | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``torchrun --standalone -m dreamddp.train`` and return rank 0's summary record.
+    """Train under torchrun (``-m dreamddp.train``) and return rank 0's summary record.
 
-    The run's wall time (start-up included) is added as ``wall_s``. A failing run raises
-    ``TrainRunFailed`` with the last lines of its output.
+    The run's wall time (start-up included) is added as ``wall_s``, its JSONL as ``records``.
     """
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "dreamddp.train", "--config", os.fspath(config), "--set", f"train.log={os.fspath(log)}",
-    ]
+    args = ["dreamddp.train", "--config", os.fspath(config), "--set", f"train.log={os.fspath(log)}"]
     for item in overrides:
-        cmd += ["--set", item]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("PYTHONWARNINGS", "ignore")
+        args += ["--set", item]
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired:
-        raise TrainRunFailed(f"torchrun run did not finish within {timeout}s: {' '.join(cmd)}") from None
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-        raise TrainRunFailed(f"torchrun exited {proc.returncode}:\n{tail}")
+    torchrun(args, nproc=nproc, timeout=timeout, cwd=cwd)
     records = [json.loads(line) for line in Path(log).read_text().splitlines()]
     summary = records[-1]["summary"]
     summary["wall_s"] = time.perf_counter() - started

@@ -151,3 +151,44 @@ def test_plan_cli_writes_a_schedule_and_reprices(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dreamddp.cli", "plan", "--profile", str(src), "--period", "0",
                           "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "dreamddp plan: error: period must be an integer >= 1, got 0"
+
+
+@st.composite
+def coalescing_instances(draw, max_units=7):
+    """Profiles with a fitted comm model: the wrapper's coalescing is priced (one alpha per bucket)."""
+    from profiler import CommModel
+
+    n = draw(st.integers(1, max_units))
+    backward = draw(st.lists(times, min_size=n, max_size=n))
+    nbytes = draw(st.lists(st.integers(0, 4000), min_size=n, max_size=n))
+    comm = CommModel(draw(st.floats(0.0, 0.5)), draw(st.floats(0.0, 5e-4)))
+    base = Profile.synthetic(backward, [0.0] * n, nbytes=nbytes)
+    return base.with_comm(comm), draw(st.integers(1, 4)), draw(st.sampled_from([25.0, 0.002]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(coalescing_instances())
+def test_coalesced_cost_model_searches_are_exact(instance):
+    from dreamddp.scheduler.search import _Instance, _cost_matrix
+
+    profile, period, cap = instance
+    inst = _Instance(profile, period, cap)
+    matrix = _cost_matrix(inst)  # the incremental block costs equal direct simulation
+    for i in range(inst.n + 1):
+        for j in range(i, inst.n + 1):
+            assert matrix[i, j] == pytest.approx(inst.cost(range(i, j)), abs=1e-9)
+    contiguous = total_exposed(profile, contiguous_optimal(profile, period))
+    assert contiguous <= total_exposed(profile, paper_dfs(profile, period)) + 1e-9
+    assert total_exposed(profile, plan(profile, period, fill=False)) == pytest.approx(
+        total_exposed(profile, brute_force(profile, period)), abs=1e-9)
+
+
+def test_coalescing_pays_one_latency_per_bucket():
+    from profiler import CommModel
+
+    p = Profile.synthetic([0.1, 0.1, 0.1], [0.0] * 3, nbytes=[1000] * 3).with_comm(CommModel(0.05, 1e-4))
+    t = simulate(p, Schedule.every_step(p.names))
+    [event] = t.iterations[0].events  # three adjacent units, one all-reduce, launched at the last ready
+    assert (event.start_s, event.end_s) == (pytest.approx(0.3), pytest.approx(0.3 + 0.05 + 0.3))
+    t = simulate(p, Schedule(2, {"u0": [0], "u1": [1], "u2": [0]}))
+    assert len(t.iterations[0].events) == 2  # not adjacent: two all-reduces

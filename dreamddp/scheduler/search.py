@@ -27,7 +27,7 @@ import numpy as np
 from profiler import Profile
 
 from ..schedule import Schedule
-from .simulate import exposed_time, ready_times
+from .simulate import CostModel
 
 __all__ = ["EXACT_MAX_UNITS", "best", "brute_force", "contiguous_optimal", "equal_bytes", "fill_in", "paper_dfs", "total_exposed"]
 
@@ -38,19 +38,15 @@ _EPS = 1e-12
 class _Instance:
     """The numbers every search needs, in backward order."""
 
-    def __init__(self, profile: Profile, period: int) -> None:
+    def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an integer >= 1, got {period!r}")
         self.profile = profile
         self.period = period
         self.names = profile.names
         self.n = len(self.names)
-        self.ready = ready_times([u.backward_s for u in profile.units])
-        self.comm = [u.comm_s for u in profile.units]
-        self.end = max(profile.backward_s, self.ready[-1] if self.ready else 0.0)
-
-    def cost(self, units: Sequence[int]) -> float:
-        return exposed_time(self.ready, self.comm, units, self.end)
+        self.model = CostModel(profile, bucket_cap_mb)
+        self.cost = self.model.exposed
 
     def schedule(self, groups: Sequence[Sequence[int]], method: str) -> Schedule:
         """Groups (any order) -> iterations: non-empty groups first, by their first unit."""
@@ -76,10 +72,23 @@ def _cost_matrix(inst: _Instance) -> np.ndarray:
     cost = np.full((n + 1, n + 1), np.inf)
     for i in range(n + 1):
         cost[i, i] = 0.0
-        free = 0.0
+        if inst.model.coalesce:
+            # Coalesced: a block is one run of buckets. Extending it grows the open bucket
+            # (which then starts when its new last unit is ready) or, past the cap, opens one.
+            model, comm = inst.model, inst.profile.comm
+            free_before, size = 0.0, 0
+            for j in range(i, n):
+                if j > i and size + model.nbytes[j] > model.cap:
+                    free_before = max(model.ready[j - 1], free_before) + comm.predict(size)
+                    size = 0
+                size += model.nbytes[j]
+                end = max(model.ready[j], free_before) + comm.predict(size)
+                cost[i, j + 1] = max(0.0, end - model.end)
+            continue
+        free = 0.0  # per-unit messages: extend the block one unit at a time
         for j in range(i, n):
-            free = max(inst.ready[j], free) + inst.comm[j]
-            cost[i, j + 1] = max(0.0, free - inst.end)
+            free = max(inst.model.ready[j], free) + inst.model.comm[j]
+            cost[i, j + 1] = max(0.0, free - inst.model.end)
     return cost
 
 

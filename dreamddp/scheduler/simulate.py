@@ -5,9 +5,9 @@ at R_i = b_0 + ... + b_i after backward starts) and all-reduce times c_i. One se
 a synchronised unit's all-reduce starts at max(R_i, channel free). An iteration's exposed time
 is max(0, end of its last all-reduce - end of backward B); its time is F + B + exposed + O.
 
-This is the paper's model (each unit its own message, paying its own latency). The wrapper
-coalesces adjacent scheduled units into one all-reduce; the simulator stays per unit, which
-prices latency pessimistically and launches no later than the wrapper does.
+With a fitted comm model the simulator sends what the wrapper sends: scheduled units adjacent
+in backward order coalesced into one all-reduce, one latency per bucket (``CostModel``).
+Without one (synthetic profiles) each unit is its own message, as in the paper.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from profiler import Profile
 
 from ..schedule import Schedule
 
-__all__ = ["CommEvent", "IterationTimeline", "Timeline", "exposed_time", "simulate", "simulate_method"]
+__all__ = ["CommEvent", "CostModel", "IterationTimeline", "Timeline", "simulate", "simulate_method"]
 
 
 @dataclass(frozen=True)
@@ -98,23 +98,66 @@ def ready_times(backward_s: Sequence[float]) -> list[float]:
     return out
 
 
-def exposed_time(ready: Sequence[float], comm: Sequence[float], units: Sequence[int], backward_end: float) -> float:
-    """Exposed time of one iteration that synchronises ``units`` (indices in backward order)."""
-    free = 0.0
-    for i in sorted(units):
-        free = max(ready[i], free) + comm[i]
-    return max(0.0, free - backward_end)
+class CostModel:
+    """Prices one iteration that synchronises a set of units, the way the wrapper sends them.
 
+    With a fitted comm model (alpha, beta) the wrapper's coalescing is modelled: scheduled
+    units adjacent in backward order form one all-reduce (split at ``bucket_cap_mb``), which
+    starts when its last unit is ready and costs alpha + beta * its bytes — one latency per
+    bucket, not per unit. Without one (a synthetic profile) every unit is its own message of
+    its own ``comm_s``: the paper's model.
+    """
 
-def _iteration(profile: Profile, phase: int, units: Sequence[int], ready: list[float], comm: list[float]) -> IterationTimeline:
-    free, events = 0.0, []
-    for i in sorted(units):
-        start = max(ready[i], free)
-        free = start + comm[i]
-        events.append(CommEvent(profile.units[i].name, start, free))
-    exposed = max(0.0, free - profile.backward_s) if units else 0.0
-    compute = profile.forward_s + profile.backward_s + profile.optimizer_s
-    return IterationTimeline(phase, compute, sum(comm[i] for i in units), exposed, compute + exposed, tuple(events))
+    def __init__(self, profile: Profile, bucket_cap_mb: float = 25.0) -> None:
+        self.profile = profile
+        self.ready = ready_times([u.backward_s for u in profile.units])
+        self.comm = [u.comm_s for u in profile.units]
+        self.nbytes = [u.nbytes for u in profile.units]
+        self.end = max(profile.backward_s, self.ready[-1] if self.ready else 0.0)
+        self.coalesce = profile.comm is not None
+        self.cap = bucket_cap_mb * 2**20
+
+    def messages(self, units: Sequence[int]) -> list[tuple[list[int], float, float]]:
+        """(units, ready time, duration) of each all-reduce, in launch order."""
+        ordered = sorted(units)
+        if not self.coalesce:
+            return [([i], self.ready[i], self.comm[i]) for i in ordered]
+        runs: list[list[int]] = []
+        size = 0
+        for i in ordered:
+            if runs and runs[-1][-1] == i - 1 and size + self.nbytes[i] <= self.cap:
+                runs[-1].append(i)
+                size += self.nbytes[i]
+            else:
+                runs.append([i])
+                size = self.nbytes[i]
+        comm = self.profile.comm
+        return [(run, self.ready[run[-1]], comm.predict(sum(self.nbytes[i] for i in run))) for run in runs]
+
+    def schedule_events(self, units: Sequence[int]) -> list[tuple[list[int], float, float]]:
+        """(units, start, end) of each all-reduce on the serial channel."""
+        free, events = 0.0, []
+        for members, ready, duration in self.messages(units):
+            start = max(ready, free)
+            free = start + duration
+            events.append((members, start, free))
+        return events
+
+    def exposed(self, units: Sequence[int]) -> float:
+        free = 0.0
+        for _, ready, duration in self.messages(units):
+            free = max(ready, free) + duration
+        return max(0.0, free - self.end) if units else 0.0
+
+    def iteration(self, phase: int, units: Sequence[int]) -> IterationTimeline:
+        events = tuple(
+            CommEvent("+".join(self.profile.units[i].name for i in members), start, end)
+            for members, start, end in self.schedule_events(units)
+        )
+        exposed = max(0.0, events[-1].end_s - self.end) if events else 0.0
+        compute = self.profile.forward_s + self.profile.backward_s + self.profile.optimizer_s
+        busy = sum(e.end_s - e.start_s for e in events)
+        return IterationTimeline(phase, compute, busy, exposed, compute + exposed, events)
 
 
 def _lower_bound(profile: Profile, period: int) -> float:
@@ -122,15 +165,12 @@ def _lower_bound(profile: Profile, period: int) -> float:
     return max(period * compute, sum(u.comm_s for u in profile.units))
 
 
-def simulate(profile: Profile, schedule: Schedule, method: str = "schedule") -> Timeline:
+def simulate(profile: Profile, schedule: Schedule, method: str = "schedule", bucket_cap_mb: float = 25.0) -> Timeline:
     """One period of ``schedule`` (averaging before the step, overlapped with backward)."""
     schedule.check_units(profile.names)
     index = {name: i for i, name in enumerate(profile.names)}
-    ready = ready_times([u.backward_s for u in profile.units])
-    comm = [u.comm_s for u in profile.units]
-    iterations = tuple(
-        _iteration(profile, h, [index[n] for n in schedule.units_at(h)], ready, comm) for h in range(schedule.period)
-    )
+    model = CostModel(profile, bucket_cap_mb)
+    iterations = tuple(model.iteration(h, [index[n] for n in schedule.units_at(h)]) for h in range(schedule.period))
     return Timeline(method, schedule.period, iterations, _lower_bound(profile, schedule.period),
                     profile.forward_s, profile.backward_s, profile.optimizer_s)
 
