@@ -161,8 +161,17 @@ class CostModel:
 
 
 def _lower_bound(profile: Profile, period: int) -> float:
+    """Per period: the compute, or the link time to send every unit once, whichever is more.
+
+    With a comm model the cheapest way to send everything is one message (one latency);
+    without one, every unit's own time.
+    """
     compute = profile.forward_s + profile.backward_s + profile.optimizer_s
-    return max(period * compute, sum(u.comm_s for u in profile.units))
+    if profile.comm is not None:
+        comm = profile.comm.predict(sum(u.nbytes for u in profile.units))
+    else:
+        comm = sum(u.comm_s for u in profile.units)
+    return max(period * compute, comm)
 
 
 def simulate(profile: Profile, schedule: Schedule, method: str = "schedule", bucket_cap_mb: float = 25.0) -> Timeline:
