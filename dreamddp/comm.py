@@ -74,8 +74,8 @@ class LinkSpec:
         parts = [p.strip() for p in text.split(",")]
         if len(parts) > 2:
             raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
-        bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text, default_unit=None)
-        latency = _parse_quantity(parts[1], _TIME_UNITS, "delay", text, default_unit=None) if len(parts) == 2 else 0.0
+        bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text)
+        latency = _parse_quantity(parts[1], _TIME_UNITS, "delay", text) if len(parts) == 2 else 0.0
         if bandwidth <= 0:
             raise ValueError(f"malformed link {text!r}: rate must be > 0")
         return cls(bandwidth_bps=bandwidth, latency_s=latency)
@@ -84,14 +84,12 @@ class LinkSpec:
         return f"{_format_rate(self.bandwidth_bps)},{self.latency_s * 1e3:g}ms"
 
 
-def _parse_quantity(part: str, units: dict[str, float], what: str, text: str, default_unit: str | None) -> float:
+def _parse_quantity(part: str, units: dict[str, float], what: str, text: str) -> float:
     match = _QUANTITY.match(part)
     allowed = "/".join(units)
     if not match:
         raise ValueError(f"malformed link {text!r}: {what} {part!r} is not a number with a unit ({allowed})")
     value, unit = float(match.group(1)), match.group(2).lower()
-    if not unit:
-        unit = default_unit or ""
     if unit not in units:
         raise ValueError(f"malformed link {text!r}: unknown {what} unit {match.group(2)!r} (use {allowed})")
     return value * units[unit]

@@ -296,7 +296,8 @@ class DreamDDP(nn.Module):
     def _rebuild_order_from_rank0(self) -> None:
         """Adopt rank 0's observed readiness order so buckets launch as early as they can."""
         observed = list(dict.fromkeys(self._observed))
-        order = observed + [i for i in self._order if i not in set(observed)]
+        seen = set(observed)
+        order = observed + [i for i in self._order if i not in seen]
         device = torch.device("cpu")
         if dist.get_backend(self.process_group) == dist.Backend.NCCL:
             device = torch.device("cuda", torch.cuda.current_device())
