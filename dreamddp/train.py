@@ -99,7 +99,6 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
                "torch": torch.__version__, "link": str(cfg.train.link_spec) if link else "real",
                "note": strategy.note})
     loss_fn = loss_for_task(task)
-    units = sync_units(strategy.raw_model)
     samples_per_step = cfg.data.batch_size * (cfg.data.seq_len if task == "lm" else 1) * world
     iter_times, waits, sent_total = [], [], 0
     busy_before = link.stats.busy_s if link else 0.0
@@ -128,7 +127,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", it_s=f"{elapsed:.3f}")
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            log.write({"step": step, "val_loss": _evaluate_averaged(strategy, units, data, loss_fn, tc.eval_batches, device)})
+            log.write({"step": step, "val_loss": _evaluate_averaged(strategy.raw_model, data, loss_fn, tc.eval_batches, device)})
     bar.close()
     channel_busy = (link.stats.busy_s - busy_before) if link else None
     strategy.finish()
@@ -170,13 +169,17 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
     return summary
 
 
-def _evaluate_averaged(strategy: Strategy, units, data, loss_fn, n_batches: int, device) -> float:
-    """Validation loss of the averaged model, leaving each rank's own weights as they were."""
-    tensors = [t for u in units for t in u.tensors]
+def _evaluate_averaged(model: nn.Module, data, loss_fn, n_batches: int, device) -> float:
+    """Validation loss of the averaged model, leaving each rank's own weights as they were.
+
+    Units are read now, not at start-up: DreamDDP may have re-laid its storage since, and a
+    buffer list taken earlier would point at tensors the model no longer uses.
+    """
+    tensors = [t for u in sync_units(model) for t in u.tensors]
     snapshot = [t.clone() for t in tensors]
     average_tensors(tensors)
     try:
-        return _evaluate(strategy.raw_model, data, loss_fn, n_batches, device)
+        return _evaluate(model, data, loss_fn, n_batches, device)
     finally:
         with torch.no_grad():
             for t, saved in zip(tensors, snapshot):
