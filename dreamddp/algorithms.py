@@ -120,9 +120,10 @@ class _LinkedAverager(PeriodicModelAverager):
 
     def average_parameters(self, params) -> None:
         due = self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
-        deadline = self.link.reserve(self.nbytes) if (due and self.link is not None) else None
+        booking = self.link.book(self.nbytes) if (due and self.link is not None) else None
         super().average_parameters(params)
-        sleep_until(deadline)
+        if booking is not None:
+            sleep_until(self.link.complete(booking))
         self.averaged_last = due
 
 

@@ -10,12 +10,18 @@ collective occupies a serial channel for ``latency + wire_bytes / bandwidth`` fr
 it is issued (or the channel frees up), and waiting for it returns no earlier than that.
 Compute that runs meanwhile hides the delay exactly as it would hide a real transfer, so
 overlap shows up in wall-clock time. Real kernel throttling (``tc``) is ``dreamddp.netem``.
+
+A link whose rate is ``inf`` (``"inf,20ms"``) adds latency only, on top of whatever the real
+network does: that is how ``dreamddp cluster`` adds the WAN delay on kernels without
+``netem``, where ``tc`` can shape the rate but not delay packets.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import os
 import re
 import threading
 import time
@@ -28,7 +34,11 @@ import torch.distributed as dist
 __all__ = [
     "LinkSpec",
     "SimulatedLink",
+    "Booking",
     "BucketAverage",
+    "SOFTWARE_DELAY_ENV",
+    "link_from_settings",
+    "describe_link",
     "pack_buckets",
     "average_tensors",
     "average_op",
@@ -52,7 +62,11 @@ _QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$",
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A link's bandwidth (bits per second) and one-way latency per collective step (seconds)."""
+    """A link's bandwidth (bits per second) and latency per collective (seconds).
+
+    ``bandwidth_bps`` may be ``math.inf``: a latency-only link, for adding delay on top of a
+    network whose rate is already real (``tc``-shaped).
+    """
 
     bandwidth_bps: float
     latency_s: float = 0.0
@@ -67,18 +81,26 @@ class LinkSpec:
     def parse(cls, text: str) -> LinkSpec:
         """Parse ``"100mbit,20ms"`` (tc units: bit/kbit/mbit/gbit, or kbps/mbps/... for bytes/s).
 
-        The latency part is optional (``"1gbit"``) and takes s/ms/us.
+        The latency part is optional (``"1gbit"``) and takes s/ms/us. A rate of ``inf`` means
+        latency only (``"inf,20ms"``).
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
         parts = [p.strip() for p in text.split(",")]
         if len(parts) > 2:
             raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
-        bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text)
+        if parts[0].lower() in ("inf", "unlimited"):
+            bandwidth = math.inf
+        else:
+            bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text)
         latency = _parse_quantity(parts[1], _TIME_UNITS, "delay", text) if len(parts) == 2 else 0.0
         if bandwidth <= 0:
             raise ValueError(f"malformed link {text!r}: rate must be > 0")
         return cls(bandwidth_bps=bandwidth, latency_s=latency)
+
+    @property
+    def latency_only(self) -> bool:
+        return math.isinf(self.bandwidth_bps)
 
     def __str__(self) -> str:
         return f"{_format_rate(self.bandwidth_bps)},{self.latency_s * 1e3:g}ms"
@@ -96,6 +118,8 @@ def _parse_quantity(part: str, units: dict[str, float], what: str, text: str) ->
 
 
 def _format_rate(bps: float) -> str:
+    if math.isinf(bps):
+        return "inf"
     for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
         if bps >= scale:
             return f"{bps / scale:g}{unit}"
@@ -135,17 +159,52 @@ class _DeadlineThread:
 class LinkStats:
     collectives: int = 0
     bytes: int = 0  # payload bytes handed to collectives on this rank
-    busy_s: float = 0.0  # simulated channel time
+    busy_s: float = 0.0  # channel time: simulated transfer, or added latency plus measured transfer
+
+
+class Booking:
+    """One collective on a link: when it was issued, and when its result may be used.
+
+    ``release`` is known once the real collective has completed and ``SimulatedLink.complete``
+    has run; ``wait_release`` blocks until then (the completion callback may run on the
+    backend's thread a moment after ``work.wait()`` returns).
+    """
+
+    __slots__ = ("issued", "nbytes", "deadline", "release", "_done")
+
+    def __init__(self, issued: float, nbytes: int, deadline: float | None) -> None:
+        self.issued = issued
+        self.nbytes = nbytes
+        self.deadline = deadline  # bandwidth-simulating links: known when issued
+        self.release: float | None = None
+        self._done = threading.Event()
+
+    def _set_release(self, release: float) -> None:
+        self.release = release
+        self._done.set()
+
+    def wait_release(self) -> float:
+        self._done.wait()
+        assert self.release is not None
+        return self.release
 
 
 @dataclass
 class SimulatedLink:
     """A serial channel with a bandwidth and a latency, applied to collectives in software.
 
-    An all-reduce of ``n`` payload bytes among ``world_size`` ranks occupies the channel for
-    ``latency + 2 (w-1)/w * n * 8 / bandwidth`` — the per-rank traffic of a ring all-reduce —
-    starting when it is issued or when the previous collective leaves the channel, whichever
-    is later. One rank needs no link: with ``world_size == 1`` every collective is free.
+    With a finite bandwidth, an all-reduce of ``n`` payload bytes among ``world_size`` ranks
+    occupies the channel for ``latency + 2 (w-1)/w * n * 8 / bandwidth`` — the per-rank
+    traffic of a ring all-reduce — starting when it is issued or when the previous collective
+    leaves the channel, whichever is later; its result is usable at that deadline or when the
+    real collective completes, whichever is later.
+
+    With ``bandwidth = inf`` (latency only) the transfer time is the real one, measured: the
+    result of collective ``i`` is usable at ``max(issued_i, release_{i-1}) + latency + (real
+    transfer time of i)``, so every collective pays the latency after its real transfer and
+    back-to-back collectives pay it in series, as they would on a link with that delay.
+
+    One rank needs no link: with ``world_size == 1`` every collective is free.
     """
 
     spec: LinkSpec
@@ -154,6 +213,8 @@ class SimulatedLink:
 
     def __post_init__(self) -> None:
         self._channel_free = 0.0
+        self._last_real_done = 0.0
+        self._last_release = 0.0
         self._lock = threading.Lock()
         self._timer: _DeadlineThread | None = None
 
@@ -162,24 +223,53 @@ class SimulatedLink:
         return cls(LinkSpec.parse(text), world_size)
 
     def all_reduce_seconds(self, nbytes: int) -> float:
+        """Simulated channel time of one all-reduce (the transfer part is 0 on a latency-only link)."""
         if self.world_size <= 1:
             return 0.0
         wire = 2.0 * (self.world_size - 1) / self.world_size * nbytes
         return self.spec.latency_s + wire * 8.0 / self.spec.bandwidth_bps
 
-    def reserve(self, nbytes: int) -> float:
-        """Book the channel for an all-reduce of ``nbytes`` issued now; return its finish time."""
-        seconds = self.all_reduce_seconds(nbytes)
+    def book(self, nbytes: int) -> Booking:
+        """Record an all-reduce of ``nbytes`` issued now; ``complete`` it when the real one is done."""
+        now = time.perf_counter()
         with self._lock:
-            start = max(time.perf_counter(), self._channel_free)
-            self._channel_free = start + seconds
             self.stats.collectives += 1
             self.stats.bytes += nbytes
+            if self.spec.latency_only or self.world_size <= 1:
+                return Booking(now, nbytes, None)
+            seconds = self.all_reduce_seconds(nbytes)
+            start = max(now, self._channel_free)
+            self._channel_free = start + seconds
             self.stats.busy_s += seconds
-            return self._channel_free
+            return Booking(now, nbytes, self._channel_free)
 
-    def delay_future(self, fut: torch.futures.Future, deadline: float) -> torch.futures.Future:
-        """A future with ``fut``'s result that completes no earlier than ``deadline``."""
+    def complete(self, booking: Booking, finished: float | None = None) -> float:
+        """The real collective behind ``booking`` finished at ``finished``; return its release time.
+
+        Must be called in the order the collectives complete (one process group runs them in
+        order; completion callbacks arrive in that order).
+        """
+        finished = time.perf_counter() if finished is None else finished
+        with self._lock:
+            if self.world_size <= 1:
+                release = finished
+            elif booking.deadline is not None:
+                release = max(finished, booking.deadline)
+            else:
+                transfer = max(0.0, finished - max(booking.issued, self._last_real_done))
+                release = max(booking.issued, self._last_release) + self.spec.latency_s + transfer
+                self.stats.busy_s += self.spec.latency_s + transfer
+            self._last_real_done = max(self._last_real_done, finished)
+            self._last_release = max(self._last_release, release)
+        booking._set_release(release)
+        return release
+
+    def track(self, work: dist.Work, booking: Booking) -> None:
+        """Complete ``booking`` from ``work``'s own completion callback (exact completion time)."""
+        work.get_future().add_done_callback(lambda _fut: self.complete(booking))
+
+    def delay_future(self, fut: torch.futures.Future, booking: Booking) -> torch.futures.Future:
+        """A future with ``fut``'s result that completes no earlier than ``booking``'s release."""
         if self._timer is None:
             self._timer = _DeadlineThread()
         timer = self._timer
@@ -191,10 +281,38 @@ class SimulatedLink:
             except Exception as err:  # surface the collective's own failure unchanged
                 out.set_exception(err)
                 return
-            timer.call_at(deadline, lambda: out.set_result(value))
+            timer.call_at(self.complete(booking), lambda: out.set_result(value))
 
         fut.add_done_callback(on_done)
         return out
+
+
+SOFTWARE_DELAY_ENV = "DREAMDDP_SOFTWARE_DELAY"
+
+
+def link_from_settings(link: str, world_size: int) -> SimulatedLink | None:
+    """The configured simulated link; else the software delay an emulated cluster asks for.
+
+    ``dreamddp cluster run`` sets ``DREAMDDP_SOFTWARE_DELAY`` where the kernel cannot delay
+    packets (no ``netem``): the rate is then real (``tc``) and only the latency is added here.
+    """
+    if link:
+        return SimulatedLink(LinkSpec.parse(link), world_size)
+    delay = os.environ.get(SOFTWARE_DELAY_ENV, "").strip()
+    if delay:
+        try:
+            return SimulatedLink(LinkSpec.parse(f"inf,{delay}"), world_size)
+        except ValueError as err:
+            raise ValueError(f"{SOFTWARE_DELAY_ENV}={delay!r} is not a delay such as 20ms ({err})") from None
+    return None
+
+
+def describe_link(link: SimulatedLink | None) -> str:
+    if link is None:
+        return "real network"
+    if link.spec.latency_only:
+        return f"real network + {link.spec.latency_s * 1e3:g}ms software delay per collective"
+    return f"simulated {link.spec}"
 
 
 def sleep_until(deadline: float | None) -> None:
@@ -263,20 +381,23 @@ class BucketAverage:
         op, self._divide = average_op(group)
         self._world = dist.get_world_size(group)
         self.work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
-        self.deadline = link.reserve(self.nbytes) if link is not None else None
-        self.done_ns: int | None = None  # host time the collective completed (track_done, CPU)
+        self.booking = link.book(self.nbytes) if link is not None else None
+        self.done_ns: int | None = None  # host time the result became usable (track_done, CPU)
+        if self.booking is not None:
+            link.track(self.work, self.booking)
         if track_done and self.buffer.device.type == "cpu":
             self.work.get_future().add_done_callback(self._mark_done)
 
     def _mark_done(self, _fut: torch.futures.Future) -> None:
         finished = time.perf_counter_ns()
-        if self.deadline is not None:
-            finished = max(finished, int(self.deadline * 1e9))
+        if self.booking is not None:
+            finished = max(finished, int(self.booking.wait_release() * 1e9))
         self.done_ns = finished
 
     def wait(self) -> None:
         self.work.wait()
-        sleep_until(self.deadline)
+        if self.booking is not None:
+            sleep_until(self.booking.wait_release())
         if self._divide:
             self.buffer.div_(self._world)
         if not self._inplace:

@@ -61,6 +61,7 @@ class TrainConfig:
     post_local_warmup: int = 0  # post_local_sgd: S-SGD iterations before local SGD starts
     eval_every: int = 0  # 0 = evaluate at the end only
     eval_batches: int = 8
+    time_budget_s: float = 0.0  # >0: stop at the first evaluation after this much training time
     log: str = "runs/train.jsonl"
     timing_warmup: int = 3  # iterations left out of the summary's timing
     timeout_s: float = 300.0  # process-group timeout: a dead or hung rank fails the run after this
@@ -81,10 +82,12 @@ class TrainConfig:
             _non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "bucket_cap_mb", "timeout_s"):
             _positive_number(f"train.{name}", getattr(self, name))
-        for name in ("momentum", "weight_decay", "grad_clip"):
+        for name in ("momentum", "weight_decay", "grad_clip", "time_budget_s"):
             _non_negative_number(f"train.{name}", getattr(self, name))
         if self.link:
             LinkSpec.parse(self.link)  # raises ValueError naming the malformed string
+        if self.time_budget_s and not self.eval_every:
+            raise ValueError("train.time_budget_s needs train.eval_every > 0: the budget is checked at evaluations")
 
     @property
     def link_spec(self) -> LinkSpec | None:

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .algorithms import Strategy, build_strategy
-from .comm import SimulatedLink, average_tensors
+from .comm import average_tensors, describe_link, link_from_settings
 from .config import ExperimentConfig, load_config
 from .data import build_data
 from .models import build_model, model_task
@@ -78,7 +78,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
             seed=cfg.train.seed,
             max_bytes=cfg.data.max_bytes,
         )
-        link = SimulatedLink(cfg.train.link_spec, world) if cfg.train.link_spec else None
+        link = link_from_settings(cfg.train.link, world)
         strategy = build_strategy(model, cfg.train, link)
         try:
             summary = _train(cfg, strategy, data, task, device, link)
@@ -96,11 +96,12 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
     tc = cfg.train
     log = _RankZeroLog(tc.log if rank == 0 else None)
     log.write({"event": "start", "config": cfg.to_dict(), "world_size": world, "device": str(device),
-               "torch": torch.__version__, "link": str(cfg.train.link_spec) if link else "real",
+               "torch": torch.__version__, "link": describe_link(link),
                "note": strategy.note})
     loss_fn = loss_for_task(task)
     samples_per_step = cfg.data.batch_size * (cfg.data.seq_len if task == "lm" else 1) * world
     iter_times, waits, sent_total = [], [], 0
+    train_time, steps_done = 0.0, tc.steps  # training time excludes evaluation
     busy_before = link.stats.busy_s if link else 0.0
     bar = tqdm(total=tc.steps, desc=tc.algorithm, disable=rank != 0 or not tc.progress, dynamic_ncols=True)
     for step in range(tc.steps):
@@ -126,8 +127,13 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
                    "bytes_sent": comm.bytes_sent, "throughput": samples_per_step / elapsed})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", it_s=f"{elapsed:.3f}")
+        train_time += elapsed
         if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            log.write({"step": step, "val_loss": _evaluate_averaged(strategy.raw_model, data, loss_fn, tc.eval_batches, device)})
+            val = _evaluate_averaged(strategy.raw_model, data, loss_fn, tc.eval_batches, device)
+            log.write({"step": step, "val_loss": val, "time_s": train_time})
+            if tc.time_budget_s and _rank_zero_value(train_time, device) >= tc.time_budget_s:
+                steps_done = step + 1
+                break  # every rank decides on rank 0's clock, so all stop at the same step
     bar.close()
     channel_busy = (link.stats.busy_s - busy_before) if link else None
     strategy.finish()
@@ -149,14 +155,15 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
     summary = {
         "algorithm": tc.algorithm,
         "world_size": world,
-        "steps": tc.steps,
+        "steps": steps_done,
+        "train_time_s": train_time,
         "period": tc.period,
-        "link": str(cfg.train.link_spec) if link else "real",
+        "link": describe_link(link),
         "iter_s": max(r["iter_s_mean"] or 0.0 for r in ranks),  # the slowest rank sets the pace
         "iter_s_median": ranks[0]["iter_s_median"],
         "comm_wait_s": ranks[0]["comm_wait_s_mean"],
-        "channel_busy_s_per_iter": (channel_busy / tc.steps) if channel_busy is not None else None,
-        "bytes_per_iter": sent_total / tc.steps,
+        "channel_busy_s_per_iter": (channel_busy / steps_done) if channel_busy is not None else None,
+        "bytes_per_iter": sent_total / steps_done,
         "throughput": samples_per_step / max(r["iter_s_mean"] or float("inf") for r in ranks),
         "final_loss": loss_value,
         "val_loss": val_loss,
@@ -167,6 +174,13 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
     log.write({"event": "summary", "summary": summary})
     log.close()
     return summary
+
+
+def _rank_zero_value(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (a stop decision all ranks must share)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def _evaluate_averaged(model: nn.Module, data, loss_fn, n_batches: int, device) -> float:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dreamddp.algorithms import build_optimizer
-from dreamddp.comm import SimulatedLink
+from dreamddp.comm import describe_link, link_from_settings
 from dreamddp.config import load_config
 from dreamddp.data import build_data
 from dreamddp.models import build_model, model_task
@@ -92,7 +92,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, local.to_dict())
     compute = _slowest(local, [Profile.from_dict(d) for d in everyone])
-    link = SimulatedLink(cfg.train.link_spec, world) if cfg.train.link_spec else None
+    link = link_from_settings(cfg.train.link, world)
     comm = profile_comm(sizes=sizes, repeats=repeats, link=link, device=device)
     cpu_after = psutil.cpu_times()
     busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -100,7 +100,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
         **compute.metadata,
         "world_size": world,
         "backend": str(dist.get_backend()),
-        "link": f"simulated {cfg.train.link_spec}" if link else "real network (no simulated link)",
+        "link": describe_link(link),
         "model": cfg.model,
         "data": cfg.data.name,
         "batch_size": cfg.data.batch_size,
