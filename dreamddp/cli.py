@@ -14,6 +14,8 @@ COMMANDS = {
     "profile": ("profiler.cli", "measure per-unit compute and fit the comm model (under torchrun)"),
     "plan": ("dreamddp.scheduler.cli", "plan a schedule from a profile and predict every method's time"),
     "demo": ("dreamddp.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
+    "cluster": ("dreamddp.cluster", "emulated geo-distributed cluster: network namespaces + tc (root)"),
+    "bench": ("dreamddp.bench.run", "every algorithm over the same throttled links; results + report"),
 }
 
 
