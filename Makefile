@@ -6,11 +6,14 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.dreamddp-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-convergence bench-overhead clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# The emulated cluster (dreamddp cluster, the benchmarks) needs iproute2; install it when we can.
+	@if ! command -v tc >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq iproute2 >/dev/null || echo "note: could not install iproute2; the cluster tests will skip"; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -25,7 +28,15 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m ''
 
+# The default grid: 3 links x 6 algorithms on the emulated cluster (root; else simulated links).
 bench: setup
+	$(PY) benchmarks/run.py --config configs/gpt-tiny.toml --out benchmarks/results/grid --report
+
+bench-convergence: setup
+	$(PY) benchmarks/run.py --convergence --config configs/gpt-tiny.toml --config configs/resnet18-digits.toml \
+		--links 100mbit,20ms --steps 120 --eval-every 20 --out benchmarks/results/convergence --report
+
+bench-overhead: setup
 	$(PY) benchmarks/overhead.py
 
 clean:

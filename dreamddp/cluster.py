@@ -67,7 +67,7 @@ def run_on_sites(
     failed_at: float | None = None
     code = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # poll every site, not just the first running one
             now = time.monotonic()
             for p in procs:
                 if p.returncode not in (None, 0) and failed_at is None:

@@ -67,3 +67,69 @@ def test_simulated_link_delays_serialises_and_hides_behind_compute():
         assert r["overlapped"] < 0.2 + 0.1  # 0.15 s of link time fully inside 0.2 s of compute
         assert r["value"] == 0.5
         assert r["bytes"] == 4 * 100_000
+
+
+def test_latency_only_link_parses_and_prints():
+    spec = LinkSpec.parse("inf,20ms")
+    assert spec.latency_only and spec.latency_s == pytest.approx(0.02)
+    assert str(spec) == "inf,20ms" and LinkSpec.parse(str(spec)) == spec
+    assert not LinkSpec.parse("100mbit,20ms").latency_only
+
+
+def test_latency_only_link_adds_delay_after_the_real_transfer_in_series():
+    link = SimulatedLink(LinkSpec.parse("inf,20ms"), world_size=2)
+    first, second = link.book(100), link.book(100)
+    t0 = first.issued
+    # The real transfers finish 50 ms and 80 ms after issue: 50 ms then 30 ms of wire time.
+    assert link.complete(first, t0 + 0.050) == pytest.approx(t0 + 0.020 + 0.050)
+    # The second pays its latency after the first's release, plus its own 30 ms transfer.
+    assert link.complete(second, t0 + 0.080) == pytest.approx(t0 + 0.020 + 0.050 + 0.020 + 0.030, abs=1e-3)
+    assert second.wait_release() == second.release
+    assert link.stats.busy_s == pytest.approx(0.020 + 0.050 + 0.020 + 0.030, abs=1e-3)
+
+
+def test_bandwidth_link_releases_at_the_later_of_real_and_simulated():
+    link = SimulatedLink(LinkSpec.parse("8mbit,10ms"), world_size=2)
+    booking = link.book(1000)  # 10 ms + 1 ms simulated
+    assert booking.deadline == pytest.approx(booking.issued + 0.011)
+    assert link.complete(booking, booking.issued + 0.002) == pytest.approx(booking.deadline)
+    slow = link.book(1000)
+    assert link.complete(slow, slow.issued + 5.0) == pytest.approx(slow.issued + 5.0)
+
+
+def test_software_delay_from_the_environment(monkeypatch):
+    from dreamddp.comm import SOFTWARE_DELAY_ENV, describe_link, link_from_settings
+
+    monkeypatch.delenv(SOFTWARE_DELAY_ENV, raising=False)
+    assert link_from_settings("", 2) is None
+    assert describe_link(None) == "real network"
+    monkeypatch.setenv(SOFTWARE_DELAY_ENV, "20ms")
+    link = link_from_settings("", 2)
+    assert link is not None and link.spec.latency_only and link.spec.latency_s == pytest.approx(0.02)
+    assert "software delay" in describe_link(link)
+    assert link_from_settings("100mbit,5ms", 2).spec.latency_s == pytest.approx(0.005)  # the config wins
+    monkeypatch.setenv(SOFTWARE_DELAY_ENV, "soon")
+    with pytest.raises(ValueError, match="DREAMDDP_SOFTWARE_DELAY='soon'"):
+        link_from_settings("", 2)
+
+
+def _latency_only_overlap(rank: int, world: int) -> dict:
+    from dreamddp.comm import BucketAverage
+
+    link = SimulatedLink(LinkSpec.parse("inf,100ms"), world)
+    t = torch.full((1000,), float(rank))
+    start = time.perf_counter()
+    BucketAverage([t], None, link).wait()
+    exposed = time.perf_counter() - start
+    start = time.perf_counter()
+    pending = BucketAverage([t], None, link)
+    time.sleep(0.15)  # compute longer than the delay hides it
+    pending.wait()
+    return {"exposed": exposed, "hidden": time.perf_counter() - start - 0.15, "value": float(t[0])}
+
+
+def test_latency_only_link_delays_real_collectives_and_overlaps_with_compute():
+    for r in run_workers(_latency_only_overlap, 2):
+        assert r["value"] == pytest.approx(0.5)
+        assert 0.1 <= r["exposed"] < 0.2
+        assert r["hidden"] < 0.04

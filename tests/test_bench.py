@@ -1,0 +1,94 @@
+"""The benchmark harness end to end on a tiny config: results, the table and the plots.
+
+Runs use the simulated link (fast, no root); one run goes through the emulated cluster
+where root and iproute2 are available.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from dreamddp.bench.run import BenchConfig, main
+
+TINY = [
+    "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16",
+    "data.seq_len=16", "data.batch_size=4", "data.max_bytes=200000", "train.eval_batches=2", "train.timing_warmup=1",
+]
+
+
+def _bench(tmp_path, *extra: str) -> int:
+    args = ["--config", "configs/gpt-tiny.toml", "--links", "100mbit,20ms", "--steps", "4", "--out", str(tmp_path)]
+    for item in TINY:
+        args += ["--set", item]
+    return main([*args, *extra])
+
+
+def _is_png(path) -> bool:
+    return path.exists() and path.stat().st_size > 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(240)
+def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert _bench(tmp_path, "--network", "simulated", "--algorithms", "ssgd", "dreamddp+fill", "--report") == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["format"] == "dreamddp.bench/1"
+    (link,) = results["links"]
+    assert link["network"] == "simulated" and link["delay"] == "simulated"
+    assert [r["algorithm"] for r in link["runs"]] == ["ssgd", "dreamddp+fill"]
+    for run in link["runs"]:
+        assert run["iter_s"] > 0 and run["predicted_iter_s"] > 0 and run["bytes_per_iter"] > 0
+    ssgd, dream = link["runs"]
+    assert dream["bytes_per_iter"] < ssgd["bytes_per_iter"]  # a slice per iteration, not every gradient
+    assert link["lower_bound_s"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "dreamddp+fill" in report and "100mbit,20ms" in report
+    assert _is_png(tmp_path / "iteration_time.png")
+
+    conv_dir = tmp_path / "conv"
+    assert _bench(conv_dir, "--network", "simulated", "--algorithms", "ssgd", "dreamddp", "--convergence",
+                  "--eval-every", "2", "--report") == 0
+    conv = json.loads((conv_dir / "convergence.json").read_text())
+    (model,) = conv["models"]
+    ssgd_run, dream_run = model["runs"]
+    assert ssgd_run["steps_done"] == 4 and model["budget_s"] > 0
+    assert dream_run["steps_done"] >= 2 and dream_run["steps_done"] % 2 == 0  # stops at an evaluation
+    assert all(p["time_s"] > 0 for p in dream_run["curve"])
+    assert _is_png(conv_dir / "convergence.png")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and iproute2 for namespaces")
+def test_grid_through_the_emulated_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMDDP_STATE_DIR", str(tmp_path / "state"))
+    assert _bench(tmp_path, "--network", "netns", "--algorithms", "ssgd") == 0
+    (link,) = json.loads((tmp_path / "results.json").read_text())["links"]
+    assert link["network"] == "netns" and link["delay"] in ("software", "kernel netem")
+    assert 0.8 * 100e6 <= link["measured_rate_bps"] <= 1.2 * 100e6
+    assert link["runs"][0]["iter_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--algorithms", "ssgd", "warp_sgd"], "algorithm 'warp_sgd' is unknown"),
+        (["--links", "100mbits,20ms"], "malformed link '100mbits,20ms'"),
+        (["--links", "inf,20ms"], "link 'inf,20ms' needs a finite rate"),
+        (["--network", "carrier-pigeon"], "--network 'carrier-pigeon' is unknown"),
+        (["--period", "0"], "--period must be >= 1, got 0"),
+        (["--config", "configs/nope.toml"], "nope.toml"),
+    ],
+)
+def test_bad_bench_input_is_a_one_line_error(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreamddp bench: error:") and message in err and "\n" not in err
+
+
+def test_bench_config_validates_before_anything_runs():
+    with pytest.raises(ValueError, match="algorithm 'x' is unknown"):
+        BenchConfig(["configs/gpt-tiny.toml"], algorithms=["x"])

@@ -1,0 +1,143 @@
+"""The emulated cluster: real namespaces, veths and tc, a real gloo all-reduce across sites.
+
+The tests that build a cluster need root and iproute2 and are skipped with the reason
+otherwise; validation and "run without up" need neither.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dreamddp import netem
+from dreamddp.cluster import main as cluster_main
+from dreamddp.cluster import measure_rate, run_on_sites
+from dreamddp.netem import ClusterError, ClusterSpec
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="needs root and iproute2 (ip, tc) to build network namespaces",
+)
+
+ALLREDUCE = (
+    "import os, torch, torch.distributed as dist; "
+    "dist.init_process_group('gloo', rank=int(os.environ['NODE_RANK']), world_size=int(os.environ['NNODES'])); "
+    "t = torch.tensor([float(os.environ['NODE_RANK']) + 1.0]); dist.all_reduce(t); "
+    "print('sum', t.item(), os.environ['GLOO_SOCKET_IFNAME'], flush=True); dist.barrier(); dist.destroy_process_group()"
+)
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(netem.STATE_DIR_ENV, str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def spec(state_dir):
+    name = f"dt{os.getpid() % 100000}"
+    yield ClusterSpec(sites=2, procs_per_site=1, wan="50mbit", wan_delay="5ms", subnet="10.214.77.0/24",
+                      name=name, master_port=29611)
+    if os.geteuid() == 0 and shutil.which("ip"):
+        netem.down(name)
+
+
+def _root_interfaces() -> str:
+    return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+
+
+@needs_root
+def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir):
+    state = netem.up(spec)
+    assert netem.namespaces(spec.name) == sorted([f"{spec.name}-hub", f"{spec.name}-s0", f"{spec.name}-s1"])
+    assert state.delay_mode in ("software", "kernel netem")
+    shaped = netem.qdiscs(state)
+    assert all(("tbf" in q or "netem" in q) for q in shaped.values()), shaped
+
+    out = io.StringIO()
+    assert run_on_sites(state, [sys.executable, "-c", ALLREDUCE], out=out, timeout=120) == 0
+    lines = out.getvalue().splitlines()
+    assert "[s0] sum 3.0 wan0" in lines and "[s1] sum 3.0 wan0" in lines, lines
+
+    rate = measure_rate(state, seconds=1.0)
+    assert 0.8 * 50e6 <= rate <= 1.2 * 50e6, f"measured {rate / 1e6:.1f} Mbit/s on a 50 Mbit/s link"
+
+    assert netem.down(spec.name)
+    assert netem.namespaces(spec.name) == []
+    assert spec.name not in _root_interfaces()
+    assert not (state_dir / f"{spec.name}.json").exists()
+    assert not os.path.exists(f"/etc/netns/{spec.name}-s0")
+    assert netem.down(spec.name) == []  # idempotent
+
+
+@needs_root
+def test_down_cleans_up_after_a_crash_that_lost_the_state(spec, state_dir):
+    netem.up(spec)
+    (state_dir / f"{spec.name}.json").unlink()
+    with pytest.raises(ClusterError, match="already up"):
+        netem.up(spec)  # leftovers are noticed, not clobbered
+    assert len(netem.down(spec.name)) == 3
+    assert netem.namespaces(spec.name) == []
+
+
+@needs_root
+def test_one_failing_site_stops_the_others(spec, monkeypatch):
+    import dreamddp.cluster as cluster
+
+    monkeypatch.setattr(cluster, "GRACE_S", 1.0)
+    state = netem.up(spec)
+    start = time.monotonic()
+    code = run_on_sites(state, ['if [ "$NODE_RANK" = 1 ]; then exit 3; fi; sleep 60'], out=io.StringIO(), timeout=60)
+    assert code == 3 and time.monotonic() - start < 20
+
+
+def test_run_without_up_is_a_clear_error(state_dir, capsys):
+    with pytest.raises(ClusterError, match="no cluster 'nosuch' is up; run `dreamddp cluster up --name nosuch` first"):
+        netem.load_state("nosuch")
+    assert cluster_main(["run", "--name", "nosuch", "--", "true"]) == 2
+    assert "no cluster 'nosuch' is up" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sites": 3, "subnet": "10.9.9.0/30"}, "--sites 3 does not fit --subnet 10.9.9.0/30: it has 2 host addresses"),
+        ({"wan": "100mbits"}, "malformed link '100mbits,20ms'"),
+        ({"wan_delay": "soon"}, "malformed link '100mbit,soon'"),
+        ({"wan": "inf"}, "--wan 'inf' must be a finite rate"),
+        ({"subnet": "8.8.8.0/24"}, "must be a private IPv4 network"),
+        ({"subnet": "banana"}, "--subnet 'banana' is not an IPv4 network"),
+        ({"name": "Bad-Name"}, "--name 'Bad-Name'"),
+        ({"sites": 0}, "--sites must be an integer >= 1, got 0"),
+        ({"procs_per_site": 0}, "--procs-per-site must be an integer >= 1, got 0"),
+        ({"master_port": 80}, "--master-port must be in 1024..65535, got 80"),
+    ],
+)
+def test_bad_cluster_specs_are_one_line_errors(kwargs, message):
+    with pytest.raises(ClusterError) as info:
+        ClusterSpec(**kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_reports_bad_input_in_one_line(capsys):
+    assert cluster_main(["up", "--sites", "300", "--subnet", "10.1.2.0/24"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dreamddp cluster: error: --sites 300 does not fit --subnet 10.1.2.0/24: it has 254 host addresses"
+
+
+def test_site_env_gives_torchrun_its_multi_node_settings():
+    state = netem.ClusterState(ClusterSpec(sites=2, procs_per_site=2), "software", ["10.213.0.1", "10.213.0.2"])
+    env = netem.site_env(state, 1)
+    assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == "10.213.0.1"
+    assert env["NODE_RANK"] == env["PET_NODE_RANK"] == "1"
+    assert env["NNODES"] == env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "wan0"
+    assert env["DREAMDDP_SOFTWARE_DELAY"] == "20ms"
+    kernel = netem.ClusterState(ClusterSpec(), "kernel netem", ["10.213.0.1", "10.213.0.2"])
+    assert "DREAMDDP_SOFTWARE_DELAY" not in netem.site_env(kernel, 0)
