@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ("dreamddp.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
     "cluster": ("dreamddp.cluster", "emulated geo-distributed cluster: network namespaces + tc (root)"),
     "bench": ("dreamddp.bench.run", "every algorithm over the same throttled links; results + report"),
+    "report": ("dreamddp.bench.report", "markdown table and plots from `dreamddp bench` results"),
 }
 
 

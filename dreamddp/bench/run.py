@@ -60,6 +60,7 @@ class BenchConfig:
     out: str = "runs/bench"
     timeout_s: float = 900.0  # per training run
     eval_every: int = 10  # convergence runs
+    repeats: int = 1  # grid: each algorithm this many times, interleaved; the median is reported
     name: str = "dreamddpb"  # namespace prefix, distinct from a user's own `dreamddp` cluster
 
     def __post_init__(self) -> None:
@@ -73,7 +74,8 @@ class BenchConfig:
         if self.network not in ("auto", "netns", "simulated"):
             raise ValueError(f"--network {self.network!r} is unknown; choose one of: auto, netns, simulated")
         for what, value in (("--period", self.period), ("--steps", self.steps), ("--sites", self.sites),
-                            ("--procs-per-site", self.procs_per_site), ("--eval-every", self.eval_every)):
+                            ("--procs-per-site", self.procs_per_site), ("--eval-every", self.eval_every),
+                            ("--repeats", self.repeats)):
             if value < 1:
                 raise ValueError(f"{what} must be >= 1, got {value}")
         if not self.configs:
@@ -178,7 +180,7 @@ def _read_summary(log: Path) -> dict[str, Any]:
     return summary
 
 
-def _plan(profile_path: Path, period: int, folder: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, float]]:
+def _plan(profile_path: Path, period: int, folder: Path, tag: str) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
     """Schedules for dreamddp (+fill), each algorithm's predicted s/iteration, and the bounds."""
     from profiler import Profile
 
@@ -188,7 +190,7 @@ def _plan(profile_path: Path, period: int, folder: Path) -> tuple[dict[str, Path
     schedules = {"dreamddp": plan(profile, period, fill=False), "dreamddp+fill": plan(profile, period, fill=True)}
     paths = {}
     for name, schedule in schedules.items():
-        paths[name] = folder / f"schedule-{name.replace('+', '-')}.json"
+        paths[name] = folder / f"schedule-{tag}-{name.replace('+', '-')}.json"
         schedule.to_json(paths[name])
     local = simulate_method(profile, "local_sgd", period).iteration_s
     predicted = {
@@ -203,6 +205,7 @@ def _plan(profile_path: Path, period: int, folder: Path) -> tuple[dict[str, Path
         "compute_s": profile.forward_s + profile.backward_s + profile.optimizer_s,
         "lower_bound_s": simulate(profile, schedules["dreamddp"]).lower_bound_s / period,
         "params": int(sum(u.nbytes for u in profile.units) // 4),
+        "fill_extra_syncs": schedules["dreamddp+fill"].syncs_per_period() - schedules["dreamddp"].syncs_per_period(),
     }
     return paths, predicted, bounds
 
@@ -222,11 +225,19 @@ def _run_row(summary: dict[str, Any], algorithm: str, predicted: float | None) -
     }
 
 
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median time per iteration, plus every repeat's time."""
+    ordered = sorted(rows, key=lambda r: r["iter_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["repeats_iter_s"] = [r["iter_s"] for r in rows]
+    return row
+
+
 def _profile_and_plan(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag: str):
     profile_path = folder / f"profile-{tag}.json"
     overrides = [*cfg.overrides, *cluster.link_overrides()]
     cluster.run_module(_module_args("profiler.cli", config, overrides, "--out", str(profile_path)), f"profile-{tag}")
-    return _plan(profile_path, cfg.period, folder)
+    return _plan(profile_path, cfg.period, folder, tag)
 
 
 def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
@@ -246,16 +257,22 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
             entry = {"link": link, "network": network, "delay": cluster.delay_mode,
                      "measured_rate_bps": cluster.measured_rate_bps, "note": network_note,
                      "compute_s": bounds["compute_s"], "lower_bound_s": bounds["lower_bound_s"], "runs": []}
+            if "dreamddp+fill" in cfg.algorithms:
+                fill_note = f"fill-in added {bounds['fill_extra_syncs']} syncs per period to the dreamddp schedule"
+                entry["note"] = "; ".join(x for x in (network_note, fill_note) if x)
             results["params"] = bounds["params"]
-            for algorithm in cfg.algorithms:
-                log = out / f"train-{tag}-{algorithm.replace('+', '-')}.jsonl"
-                overrides = [*cfg.overrides, *cluster.link_overrides(), *_train_overrides(cfg, algorithm, schedules, log)]
-                started = time.perf_counter()
-                cluster.run_module(_module_args("dreamddp.train", config, overrides), f"train-{tag}-{algorithm}")
-                row = _run_row(_read_summary(log), algorithm, predicted.get(algorithm))
-                entry["runs"].append(row)
-                print(f"  {algorithm:<15} {row['iter_s']:.4f} s/it (predicted {row['predicted_iter_s'] or float('nan'):.4f}),"
-                      f" val loss {row['val_loss']:.3f}  [{time.perf_counter() - started:.0f} s]", flush=True)
+            rows: dict[str, list[dict[str, Any]]] = {a: [] for a in cfg.algorithms}
+            for repeat in range(cfg.repeats):  # interleaved, so drift on the machine hits every algorithm alike
+                for algorithm in cfg.algorithms:
+                    log = out / f"train-{tag}-{algorithm.replace('+', '-')}-r{repeat}.jsonl"
+                    overrides = [*cfg.overrides, *cluster.link_overrides(), *_train_overrides(cfg, algorithm, schedules, log)]
+                    started = time.perf_counter()
+                    cluster.run_module(_module_args("dreamddp.train", config, overrides), f"train-{tag}-{algorithm}-r{repeat}")
+                    row = _run_row(_read_summary(log), algorithm, predicted.get(algorithm))
+                    rows[algorithm].append(row)
+                    print(f"  {algorithm:<15} {row['iter_s']:.4f} s/it (predicted {row['predicted_iter_s'] or float('nan'):.4f}),"
+                          f" val loss {row['val_loss']:.3f}  [{time.perf_counter() - started:.0f} s]", flush=True)
+            entry["runs"] = [_median_row(rows[a]) for a in cfg.algorithms]
         results["links"].append(entry)
         _write(out / "results.json", results)
     return results
@@ -336,6 +353,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per training run")
     parser.add_argument("--eval-every", type=int, default=10, help="--convergence: evaluate every N iterations")
+    parser.add_argument("--repeats", type=int, default=1, help="grid: runs per algorithm, interleaved; median reported")
     parser.add_argument("--convergence", action="store_true", help="loss against wall-clock time on the first link")
     parser.add_argument("--report", action="store_true", help="also write report.md and the plots into --out")
     return parser.parse_args(argv)
@@ -347,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = BenchConfig(args.config or ["configs/gpt-tiny.toml"], args.set, args.links, args.algorithms, args.period,
                           args.steps, args.sites, args.procs_per_site, args.network, args.out, args.timeout,
-                          args.eval_every)
+                          args.eval_every, repeats=args.repeats)
     except ValueError as err:
         print(f"dreamddp bench: error: {err}", file=sys.stderr)
         return 2
