@@ -53,20 +53,21 @@ def run_on_sites(
     lock = threading.Lock()
     procs: list[subprocess.Popen[str]] = []
     pumps: list[threading.Thread] = []
-    for site in range(state.spec.sites):
-        env = {**os.environ, **netem.site_env(state, site), **(extra_env or {})}
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", state.spec.site_namespace(site), *command],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-        )
-        procs.append(proc)
-        pump = threading.Thread(target=_pump, args=(proc, f"[s{site}] ", out, lock), daemon=True)
-        pump.start()
-        pumps.append(pump)
     deadline = time.monotonic() + timeout if timeout else None
     failed_at: float | None = None
     code = 0
     try:
+        for site in range(state.spec.sites):
+            env = {**os.environ, **netem.site_env(state, site), **(extra_env or {})}
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", state.spec.site_namespace(site), *command],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                errors="replace", bufsize=1, start_new_session=True,
+            )
+            procs.append(proc)
+            pump = threading.Thread(target=_pump, args=(proc, f"[s{site}] ", out, lock), daemon=True)
+            pump.start()
+            pumps.append(pump)
         while [p.poll() for p in procs].count(None):  # poll every site, not just the first running one
             now = time.monotonic()
             for p in procs:
@@ -79,9 +80,13 @@ def run_on_sites(
                 break
             time.sleep(0.05)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                _stop(p)
+        stopped = [p for p in procs if p.poll() is None]
+        for p in stopped:
+            _stop(p)
+        if stopped:
+            # torchrun's workers run in sessions of their own: whatever is left in the sites goes too.
+            for site in range(state.spec.sites):
+                netem.kill_namespace_processes(state.spec.site_namespace(site))
         for pump in pumps:
             pump.join(timeout=5)
     if code == 0:
@@ -91,10 +96,13 @@ def run_on_sites(
 
 def _pump(proc: subprocess.Popen[str], prefix: str, out: TextIO, lock: threading.Lock) -> None:
     assert proc.stdout is not None
-    for line in proc.stdout:
-        with lock:
-            out.write(prefix + line)
-            out.flush()
+    for line in proc.stdout:  # keeps draining even if writing fails, so a site never blocks on a full pipe
+        try:
+            with lock:
+                out.write(prefix + line)
+                out.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -123,18 +131,26 @@ def measure_rate(state: ClusterState, src: int = 0, dst: int = 1, seconds: float
     try:
         assert sink.stdout is not None
         if sink.stdout.readline().strip() != "ready":
-            raise ClusterError(f"link probe sink on site {dst} did not start: {sink.stderr.read() if sink.stderr else ''}")
-        proc = subprocess.run(
-            ["ip", "netns", "exec", spec.site_namespace(src), python, "-m", "dreamddp.linkprobe", "source",
-             "--host", state.addresses[dst], "--port", str(port), "--bytes", str(nbytes)],
-            capture_output=True, text=True, timeout=120,
-        )
+            raise ClusterError(f"link probe sink on site {dst} did not start: {_last_line(sink.stderr.read() if sink.stderr else '')}")
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", spec.site_namespace(src), python, "-m", "dreamddp.linkprobe", "source",
+                 "--host", state.addresses[dst], "--port", str(port), "--bytes", str(nbytes)],
+                capture_output=True, text=True, timeout=120,
+            )
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"link probe from site {src} to site {dst} did not finish within 120 s") from None
         if proc.returncode != 0:
-            raise ClusterError(f"link probe from site {src} to site {dst} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            raise ClusterError(f"link probe from site {src} to site {dst} failed: {_last_line(proc.stderr)}")
         return float(json.loads(proc.stdout)["rate_bps"])
     finally:
         sink.kill()
         sink.wait()
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
 
 
 def _status(state: ClusterState, measure: bool) -> None:
@@ -154,6 +170,12 @@ def _status(state: ClusterState, measure: bool) -> None:
         rate = measure_rate(state)
         print(f"measured site 0 -> site 1: {rate / 1e6:.1f} Mbit/s "
               f"({rate / spec.wan_link.bandwidth_bps:.0%} of the configured {spec.wan})")
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+    sys.exit(128 + signum)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -181,6 +203,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so `run` stops its sites and `up` removes a half-built cluster.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     try:
         if args.action == "up":
             spec = ClusterSpec(args.sites, args.procs_per_site, args.wan, args.wan_delay, args.lan,

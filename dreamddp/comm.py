@@ -152,7 +152,10 @@ class _DeadlineThread:
                     self._cv.wait(timeout=delay)
                     continue
                 heapq.heappop(self._heap)
-            fn()
+            try:
+                fn()
+            except Exception:  # one bad callback must not stop every later future on the link
+                pass
 
 
 @dataclass
@@ -170,18 +173,34 @@ class Booking:
     backend's thread a moment after ``work.wait()`` returns).
     """
 
-    __slots__ = ("issued", "nbytes", "deadline", "release", "_done")
+    __slots__ = ("seq", "issued", "nbytes", "deadline", "finished", "release", "_done", "_callbacks", "_cb_lock")
 
-    def __init__(self, issued: float, nbytes: int, deadline: float | None) -> None:
+    def __init__(self, seq: int, issued: float, nbytes: int, deadline: float | None) -> None:
+        self.seq = seq
+        self.finished: float | None = None
         self.issued = issued
         self.nbytes = nbytes
         self.deadline = deadline  # bandwidth-simulating links: known when issued
         self.release: float | None = None
         self._done = threading.Event()
+        self._callbacks: list[Callable[[float], None]] = []
+        self._cb_lock = threading.Lock()
 
     def _set_release(self, release: float) -> None:
-        self.release = release
-        self._done.set()
+        with self._cb_lock:
+            self.release = release
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(release)
+        self._done.set()  # after the callbacks: a waiter then sees what they recorded
+
+    def when_released(self, fn: Callable[[float], None]) -> None:
+        """Call ``fn(release)`` once the release time is known (now, if it already is)."""
+        with self._cb_lock:
+            if self.release is None:
+                self._callbacks.append(fn)
+                return
+        fn(self.release)
 
     def wait_release(self) -> float:
         self._done.wait()
@@ -213,6 +232,9 @@ class SimulatedLink:
 
     def __post_init__(self) -> None:
         self._channel_free = 0.0
+        self._next_seq = 0  # next booking to hand out
+        self._next_done = 0  # next booking whose completion is applied
+        self._finished: dict[int, Booking] = {}  # completed out of order, waiting for earlier ones
         self._last_real_done = 0.0
         self._last_release = 0.0
         self._lock = threading.Lock()
@@ -233,55 +255,86 @@ class SimulatedLink:
         """Record an all-reduce of ``nbytes`` issued now; ``complete`` it when the real one is done."""
         now = time.perf_counter()
         with self._lock:
+            seq, self._next_seq = self._next_seq, self._next_seq + 1
             self.stats.collectives += 1
             self.stats.bytes += nbytes
             if self.spec.latency_only or self.world_size <= 1:
-                return Booking(now, nbytes, None)
+                return Booking(seq, now, nbytes, None)
             seconds = self.all_reduce_seconds(nbytes)
             start = max(now, self._channel_free)
             self._channel_free = start + seconds
             self.stats.busy_s += seconds
-            return Booking(now, nbytes, self._channel_free)
+            return Booking(seq, now, nbytes, self._channel_free)
 
-    def complete(self, booking: Booking, finished: float | None = None) -> float:
-        """The real collective behind ``booking`` finished at ``finished``; return its release time.
+    def complete(self, booking: Booking, finished: float | None = None) -> float | None:
+        """The real collective behind ``booking`` finished at ``finished`` (default: now).
 
-        Must be called in the order the collectives complete (one process group runs them in
-        order; completion callbacks arrive in that order).
+        Releases are decided in issue order, as on a serial channel: gloo may finish two
+        collectives out of order (it runs them on two threads), and then the later one waits
+        here for the earlier one. Returns the release time, or None while an earlier booking
+        is still outstanding (``booking.wait_release()`` then waits for it).
         """
-        finished = time.perf_counter() if finished is None else finished
+        booking.finished = time.perf_counter() if finished is None else finished
+        released: list[Booking] = []
         with self._lock:
-            if self.world_size <= 1:
-                release = finished
-            elif booking.deadline is not None:
-                release = max(finished, booking.deadline)
-            else:
-                transfer = max(0.0, finished - max(booking.issued, self._last_real_done))
-                release = max(booking.issued, self._last_release) + self.spec.latency_s + transfer
-                self.stats.busy_s += self.spec.latency_s + transfer
-            self._last_real_done = max(self._last_real_done, finished)
-            self._last_release = max(self._last_release, release)
-        booking._set_release(release)
+            self._finished[booking.seq] = booking
+            while self._next_done in self._finished:
+                ready = self._finished.pop(self._next_done)
+                self._next_done += 1
+                ready.release = self._release_time(ready)
+                released.append(ready)
+        for ready in released:
+            ready._set_release(ready.release)
+        return booking.release
+
+    def _release_time(self, booking: Booking) -> float:
+        finished = booking.finished
+        assert finished is not None
+        if self.world_size <= 1:
+            release = finished
+        elif booking.deadline is not None:
+            release = max(finished, booking.deadline)
+        else:
+            transfer = max(0.0, finished - max(booking.issued, self._last_real_done))
+            release = max(booking.issued, self._last_release) + self.spec.latency_s + transfer
+            self.stats.busy_s += self.spec.latency_s + transfer
+        self._last_real_done = max(self._last_real_done, finished)
+        self._last_release = max(self._last_release, release)
         return release
 
     def track(self, work: dist.Work, booking: Booking) -> None:
         """Complete ``booking`` from ``work``'s own completion callback (exact completion time)."""
         work.get_future().add_done_callback(lambda _fut: self.complete(booking))
 
-    def delay_future(self, fut: torch.futures.Future, booking: Booking) -> torch.futures.Future:
-        """A future with ``fut``'s result that completes no earlier than ``booking``'s release."""
+    def delay_future(
+        self, fut: torch.futures.Future, booking: Booking, device: torch.device | None = None
+    ) -> torch.futures.Future:
+        """A future with ``fut``'s result that completes no earlier than ``booking``'s release.
+
+        ``device``: where the result lives; a CUDA result needs a future that knows its device.
+        """
         if self._timer is None:
             self._timer = _DeadlineThread()
         timer = self._timer
-        out: torch.futures.Future = torch.futures.Future()
+        devices = [device] if device is not None and device.type == "cuda" else None
+        out: torch.futures.Future = torch.futures.Future(devices=devices)
 
         def on_done(done: torch.futures.Future) -> None:
+            self.complete(booking)  # also on failure: later bookings must not wait for this one
             try:
                 value = done.value()
             except Exception as err:  # surface the collective's own failure unchanged
                 out.set_exception(err)
                 return
-            timer.call_at(self.complete(booking), lambda: out.set_result(value))
+
+            def finish() -> None:
+                try:
+                    out.set_result(value)
+                except Exception as err:
+                    out.set_exception(err)
+
+            # The release may wait for an earlier booking; never block the backend's thread on it.
+            booking.when_released(lambda release: timer.call_at(release, finish))
 
         fut.add_done_callback(on_done)
         return out
@@ -390,9 +443,10 @@ class BucketAverage:
 
     def _mark_done(self, _fut: torch.futures.Future) -> None:
         finished = time.perf_counter_ns()
-        if self.booking is not None:
-            finished = max(finished, int(self.booking.wait_release() * 1e9))
-        self.done_ns = finished
+        if self.booking is None:
+            self.done_ns = finished
+        else:  # usable at the link's release (which may wait for an earlier collective)
+            self.booking.when_released(lambda release: setattr(self, "done_ns", max(finished, int(release * 1e9))))
 
     def wait(self) -> None:
         self.work.wait()

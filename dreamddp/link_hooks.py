@@ -21,7 +21,7 @@ def _bucket_bytes(bucket: dist.GradBucket) -> int:
 def linked_allreduce_hook(link: SimulatedLink, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """torch's default all-reduce hook, completing no earlier than the simulated link allows."""
     booking = link.book(_bucket_bytes(bucket))
-    return link.delay_future(default_hooks.allreduce_hook(None, bucket), booking)
+    return link.delay_future(default_hooks.allreduce_hook(None, bucket), booking, bucket.buffer().device)
 
 
 def linked_post_local_sgd_hook(
@@ -33,4 +33,4 @@ def linked_post_local_sgd_hook(
     fut = post_localSGD_hook(local_sgd_state, bucket)
     if not communicates:
         return fut
-    return link.delay_future(fut, link.book(_bucket_bytes(bucket)))
+    return link.delay_future(fut, link.book(_bucket_bytes(bucket)), bucket.buffer().device)

@@ -5,8 +5,9 @@ Each site is a network namespace (``<name>-s0``, ``<name>-s1``, ...) with one in
 to the machine's own namespace, so the cluster cannot touch its real network, and removing
 the namespaces removes every veth, bridge and qdisc with them.
 
-Each site's egress is shaped by ``tc``: ``tbf`` for the rate on every kernel; where the
-kernel has ``netem`` the delay is added there too (``netem delay D rate R``). Many kernels
+Each site's egress is shaped by ``tc``: where the kernel has ``netem``, by ``netem delay D
+rate R`` (a per-packet, one-way delay: a round trip pays 2D and a ring all-reduce several
+D); otherwise by ``tbf`` for the rate, with the delay added per collective. Many kernels
 (this project's CI among them) ship ``tbf``/``htb`` but not ``netem``; then the delay is
 added in software at the collective layer instead — ``cluster run`` exports
 ``DREAMDDP_SOFTWARE_DELAY`` and the trainer and profiler add that latency to every
@@ -177,10 +178,11 @@ def _tc_rate(bps: float) -> str:
     return f"{int(bps)}bit"
 
 
-def _tbf_args(bps: float) -> list[str]:
-    # Burst: at least a few MTUs and ~4 ms of traffic (tbf needs >= rate/HZ); a 50 ms queue
-    # absorbs TCP bursts without drops that would make the measured rate fall short.
-    burst = max(16 * 1024, int(bps / 8 * 0.004))
+def _tbf_args(bps: float, mtu: int = 1500) -> list[str]:
+    # Burst: at least two MTUs (tbf drops a packet larger than its bucket) and ~4 ms of traffic
+    # (tbf needs >= rate/HZ); a 50 ms queue absorbs TCP bursts without drops that would make
+    # the measured rate fall short.
+    burst = max(16 * 1024, 2 * mtu + 1024, int(bps / 8 * 0.004))
     return ["tbf", "rate", _tc_rate(bps), "burst", str(burst), "latency", "50ms"]
 
 
@@ -206,7 +208,10 @@ def up(spec: ClusterSpec) -> ClusterState:
     try:
         state = _build(spec)
     except BaseException:
-        down(spec.name)
+        try:
+            down(spec.name)
+        except ClusterError:
+            pass  # the original failure is the one to report
         raise
     path = _state_path(spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +240,7 @@ def _build(spec: ClusterSpec) -> ClusterState:
         _ip("-n", ns, "link", "set", "lo", "up")
         modes.add(_shape_wan(spec, ns))
         if spec.lan:
-            _tc(ns, "qdisc", "add", "dev", "lo", "root", *_tbf_args(LinkSpec.parse(spec.lan).bandwidth_bps))
+            _tc(ns, "qdisc", "add", "dev", "lo", "root", *_tbf_args(LinkSpec.parse(spec.lan).bandwidth_bps, mtu=65536))
         addresses.append(address)
     _write_hosts_files(spec, addresses)
     mode = modes.pop() if len(modes) == 1 else "software"
@@ -272,17 +277,19 @@ def down(name: str = "dreamddp") -> list[str]:
     if not _NAME.match(name):
         raise ClusterError(f"--name {name!r} must be 1-12 lower-case letters/digits, starting with a letter")
     check_environment()
-    removed = []
-    for ns in namespaces(name):
-        _kill_namespace_processes(ns)
+    removed = namespaces(name)
+    for ns in removed:
+        kill_namespace_processes(ns)
         _ip("netns", "del", ns, check=False)
-        removed.append(ns)
+    left = namespaces(name)
+    if left:
+        raise ClusterError(f"could not remove namespace {left[0]} (`ip netns del {left[0]}` failed); remove it by hand")
     _remove_hosts_files(name)
     _state_path(name).unlink(missing_ok=True)
     return removed
 
 
-def _kill_namespace_processes(namespace: str) -> None:
+def kill_namespace_processes(namespace: str) -> None:
     """Processes left in a namespace would keep its interfaces alive after ``netns del``."""
     proc = _ip("netns", "pids", namespace, check=False)
     for pid in proc.stdout.split():
@@ -321,6 +328,9 @@ def site_env(state: ClusterState, site: int) -> dict[str, str]:
         "PET_MASTER_PORT": str(spec.master_port),
         "GLOO_SOCKET_IFNAME": WAN_IFACE,
         "NCCL_SOCKET_IFNAME": WAN_IFACE,
+        # NCCL treats ranks with one host id as one machine (shared memory, P2P), which would
+        # bypass the shaped link; each site is its own host.
+        "NCCL_HOSTID": spec.site_namespace(site),
         "DREAMDDP_CLUSTER": spec.name,
         "DREAMDDP_SITE": str(site),
     }

@@ -79,6 +79,10 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
             max_bytes=cfg.data.max_bytes,
         )
         link = link_from_settings(cfg.train.link, world)
+        if link is not None and link.spec.latency_only and device.type == "cuda":
+            # NCCL's futures complete at enqueue, so the real transfer time cannot be measured.
+            raise SystemExit(f"dreamddp train: error: a latency-only link ({link.spec}) needs gloo; "
+                             "with NCCL use a full simulated link such as train.link=100mbit,20ms")
         strategy = build_strategy(model, cfg.train, link)
         try:
             summary = _train(cfg, strategy, data, task, device, link)

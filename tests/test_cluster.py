@@ -138,6 +138,7 @@ def test_site_env_gives_torchrun_its_multi_node_settings():
     assert env["NODE_RANK"] == env["PET_NODE_RANK"] == "1"
     assert env["NNODES"] == env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "wan0"
+    assert env["NCCL_HOSTID"] == "dreamddp-s1"  # NCCL must not take two sites for one host
     assert env["DREAMDDP_SOFTWARE_DELAY"] == "20ms"
     kernel = netem.ClusterState(ClusterSpec(), "kernel netem", ["10.213.0.1", "10.213.0.2"])
     assert "DREAMDDP_SOFTWARE_DELAY" not in netem.site_env(kernel, 0)

@@ -133,3 +133,16 @@ def test_latency_only_link_delays_real_collectives_and_overlaps_with_compute():
         assert r["value"] == pytest.approx(0.5)
         assert 0.1 <= r["exposed"] < 0.2
         assert r["hidden"] < 0.04
+
+
+def test_out_of_order_completions_are_released_in_issue_order():
+    """gloo may finish a later collective first (two worker threads); the link still serialises."""
+    link = SimulatedLink(LinkSpec.parse("inf,10ms"), world_size=2)
+    first, second = link.book(100), link.book(100)
+    t0 = first.issued
+    seen = []
+    second.when_released(seen.append)
+    assert link.complete(second, t0 + 0.030) is None and second.release is None and not seen  # waits for the first
+    assert link.complete(first, t0 + 0.050) == pytest.approx(t0 + 0.060)
+    # the second's transfer overlapped the first's entirely: it pays only its latency after it
+    assert second.release == pytest.approx(t0 + 0.070) and seen == [second.release]

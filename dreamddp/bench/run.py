@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -174,8 +175,11 @@ def _module_args(module: str, config: str, overrides: Sequence[str], *extra: str
 
 
 def _read_summary(log: Path) -> dict[str, Any]:
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    summary = records[-1]["summary"]
+    try:
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        summary = records[-1]["summary"]
+    except (OSError, ValueError, IndexError, KeyError):
+        raise TrainRunFailed(f"the run exited without writing a summary to {log}") from None
     summary["records"] = records
     return summary
 
@@ -339,6 +343,11 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the clean-up
+    sys.exit(128 + signum)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dreamddp bench", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="model config (repeat for --convergence)")
@@ -370,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamddp bench: error: {err}", file=sys.stderr)
         return 2
     command = "dreamddp bench " + shlex.join(argv)
+    # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cluster is taken down.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.convergence:
             run_convergence(cfg, command)
