@@ -25,6 +25,7 @@ a crash that lost the state file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -150,6 +151,20 @@ def check_environment() -> None:
         raise ClusterError(
             f"dreamddp cluster needs iproute2 ({' and '.join(missing)} not found; apt-get install -y iproute2); {fallback}"
         )
+    reason = _namespace_probe()
+    if reason:
+        raise ClusterError(f"dreamddp cluster cannot create network namespaces here ({reason}); {fallback}")
+
+
+@functools.lru_cache(maxsize=1)
+def _namespace_probe() -> str:
+    """Empty if a namespace can be created and removed here (a container may forbid it)."""
+    probe = f"dreamddp-probe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return made.stderr.strip().splitlines()[-1] if made.stderr.strip() else f"ip netns add exited {made.returncode}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -7,12 +7,19 @@ where root and iproute2 are available.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
+from dreamddp import netem
 from dreamddp.bench.run import BenchConfig, main
+
+
+def _cluster_unavailable() -> str:
+    try:
+        netem.check_environment()
+    except netem.ClusterError as err:
+        return str(err)
+    return ""
 
 TINY = [
     "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16",
@@ -62,7 +69,7 @@ def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="needs root and iproute2 for namespaces")
+@pytest.mark.skipif(bool(_cluster_unavailable()), reason=_cluster_unavailable() or "ok")
 def test_grid_through_the_emulated_cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMDDP_STATE_DIR", str(tmp_path / "state"))
     assert _bench(tmp_path, "--network", "netns", "--algorithms", "ssgd") == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,10 +19,15 @@ from dreamddp.cluster import main as cluster_main
 from dreamddp.cluster import measure_rate, run_on_sites
 from dreamddp.netem import ClusterError, ClusterSpec
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
-    reason="needs root and iproute2 (ip, tc) to build network namespaces",
-)
+def _cluster_unavailable() -> str:
+    try:
+        netem.check_environment()
+    except ClusterError as err:
+        return str(err)
+    return ""
+
+
+needs_root = pytest.mark.skipif(bool(_cluster_unavailable()), reason=_cluster_unavailable() or "ok")
 
 ALLREDUCE = (
     "import os, torch, torch.distributed as dist; "
@@ -44,7 +48,7 @@ def spec(state_dir):
     name = f"dt{os.getpid() % 100000}"
     yield ClusterSpec(sites=2, procs_per_site=1, wan="50mbit", wan_delay="5ms", subnet="10.214.77.0/24",
                       name=name, master_port=29611)
-    if os.geteuid() == 0 and shutil.which("ip"):
+    if not _cluster_unavailable():
         netem.down(name)
 
 
