@@ -194,10 +194,13 @@ def _tc_rate(bps: float) -> str:
 
 
 def _tbf_args(bps: float, mtu: int = 1500) -> list[str]:
-    # Burst: at least two MTUs (tbf drops a packet larger than its bucket) and ~4 ms of traffic
-    # (tbf needs >= rate/HZ); a 50 ms queue absorbs TCP bursts without drops that would make
-    # the measured rate fall short.
-    burst = max(16 * 1024, 2 * mtu + 1024, int(bps / 8 * 0.004))
+    # Burst: room for two 64 KiB GSO super-packets. With a smaller bucket tbf segments every
+    # GSO packet in software, and on a small machine that per-packet work steals the cores the
+    # workers compute on (measured with benchmarks/comm_cpu_cost.py at 100 Mbit/s: a transfer
+    # in flight slowed compute 1.08-1.57x with a 50 kB burst, 1.01-1.02x with 256 kB). Also
+    # >= ~4 ms of traffic (tbf needs >= rate/HZ) and two MTUs. A 50 ms queue absorbs TCP
+    # bursts without drops that would make the measured rate fall short.
+    burst = max(2 * 65536 + 4096, 2 * mtu + 1024, int(bps / 8 * 0.004))
     return ["tbf", "rate", _tc_rate(bps), "burst", str(burst), "latency", "50ms"]
 
 
