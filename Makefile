@@ -30,7 +30,7 @@ test-all: setup
 
 # The default grid: 3 links x 6 algorithms on the emulated cluster (root; else simulated links).
 bench: setup
-	$(PY) benchmarks/run.py --config configs/gpt-tiny.toml --out benchmarks/results/grid --report
+	$(PY) benchmarks/run.py --config configs/gpt-tiny.toml --repeats 2 --out benchmarks/results/grid --report
 
 bench-convergence: setup
 	$(PY) benchmarks/run.py --convergence --config configs/gpt-tiny.toml --config configs/resnet18-digits.toml \
