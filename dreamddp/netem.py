@@ -185,8 +185,12 @@ def namespaces(name: str) -> list[str]:
     """This cluster's namespaces that exist now (sites and hub)."""
     proc = _ip("netns", "list", check=False)
     found = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    pattern = re.compile(rf"^{re.escape(name)}-(s\d+|hub)$")
-    return sorted(ns for ns in found if pattern.match(ns))
+    return sorted(ns for ns in found if _owned_by(name, ns))
+
+
+def _owned_by(name: str, namespace: str) -> bool:
+    """Whether ``namespace`` is one of cluster ``name``'s (a site or its hub)."""
+    return re.fullmatch(rf"{re.escape(name)}-(s\d+|hub)", namespace) is not None
 
 
 def _tc_rate(bps: float) -> str:
@@ -284,9 +288,8 @@ def _remove_hosts_files(name: str) -> None:
     root = Path("/etc/netns")
     if not root.is_dir():
         return
-    pattern = re.compile(rf"^{re.escape(name)}-(s\d+|hub)$")
     for folder in root.iterdir():
-        if pattern.match(folder.name):
+        if _owned_by(name, folder.name):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -126,7 +126,7 @@ class Cluster:
         netem.down(spec.name)  # leftovers of a crashed run
         self.state = netem.up(spec)
         try:
-            self.delay_mode = {"software": "software", "kernel netem": "kernel netem"}.get(self.state.delay_mode, "none")
+            self.delay_mode = self.state.delay_mode  # "software", "kernel netem" or "none"
             if spec.sites >= 2:
                 self.measured_rate_bps = measure_rate(self.state)
             yield self
