@@ -15,8 +15,10 @@ timings differ only by what each algorithm communicates and when.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,19 +33,35 @@ from .link_hooks import linked_allreduce_hook, linked_post_local_sgd_hook
 from .schedule import Schedule
 from .units import sync_units
 
-__all__ = ["Strategy", "CommRecord", "build_strategy", "build_optimizer"]
+__all__ = ["Strategy", "CommRecord", "build_lr_scheduler", "build_strategy", "build_optimizer"]
 
 
 @dataclass
 class CommRecord:
     wait_s: float | None  # host time blocked on communication this iteration (None: not observable)
     bytes_sent: int
+    units_synced: int = 0  # sync units whose parameters (or gradients) were averaged
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Linear warm-up then constant or cosine-to-zero; None when the LR never changes."""
+    if cfg.lr_schedule == "constant" and not cfg.lr_warmup:
+        return None
+    warmup, total, cosine = cfg.lr_warmup, cfg.steps, cfg.lr_schedule == "cosine"
+
+    def factor(step: int) -> float:
+        scale = min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
+        if cosine:
+            scale *= 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return scale
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Strategy:
@@ -56,6 +74,20 @@ class Strategy:
         self.model: nn.Module = model
         self.optimizer: torch.optim.Optimizer = build_optimizer(cfg, model.parameters())
         self.note = ""  # anything the run should report about how this strategy was set up
+        self.n_units = len(sync_units(model))
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This rank's model, optimizer and algorithm state (rank-local under local SGD)."""
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "strategy": {}}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def schedule_record(self) -> dict[str, Any] | None:
+        """What must match for a checkpoint of this run to be resumed exactly."""
+        return {"period": self.cfg.period}
 
     def after_step(self, step: int) -> CommRecord:
         return CommRecord(wait_s=0.0, bytes_sent=0)
@@ -84,7 +116,10 @@ class SSGD(Strategy):
         self._grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
     def after_step(self, step: int) -> CommRecord:
-        return CommRecord(wait_s=None, bytes_sent=self._grad_bytes)
+        return CommRecord(wait_s=None, bytes_sent=self._grad_bytes, units_synced=self.n_units)
+
+    def schedule_record(self) -> dict[str, Any] | None:
+        return None
 
     def finish(self) -> None:
         pass  # DDP keeps the replicas equal
@@ -107,7 +142,7 @@ class LocalSGD(Strategy):
             cap_bytes=int(self.cfg.bucket_cap_mb * 2**20),
             link=self.link,
         )
-        return CommRecord(wait_s=time.perf_counter() - start, bytes_sent=sent)
+        return CommRecord(wait_s=time.perf_counter() - start, bytes_sent=sent, units_synced=self.n_units)
 
 
 class _LinkedAverager(PeriodicModelAverager):
@@ -154,7 +189,23 @@ class PostLocalSGD(Strategy):
         sent = self._param_bytes if self.averager.averaged_last else 0
         if step < self.cfg.post_local_warmup:
             sent += self._param_bytes  # gradient all-reduce during warm-up
-        return CommRecord(wait_s=None, bytes_sent=sent)
+        return CommRecord(wait_s=None, bytes_sent=sent, units_synced=self.n_units if sent else 0)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = super().checkpoint_state()  # the optimizer's state carries the averager's step
+        state["strategy"] = {"local_sgd_iter": self._state.iter}
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        # torch's PostLocalSGDOptimizer keeps a reference to the inner optimizer's param_groups
+        # list, which the inner load_state_dict replaces: without this, an LR scheduler would
+        # set the learning rate on stale groups and the resumed run would train at a frozen LR.
+        self.optimizer.param_groups = self.optimizer.optim.param_groups
+        self._state.iter = int(state["strategy"]["local_sgd_iter"])
+
+    def schedule_record(self) -> dict[str, Any] | None:
+        return {"period": self.cfg.period, "warmup": self.cfg.post_local_warmup}
 
     def close(self) -> None:
         del self.model
@@ -175,13 +226,26 @@ class PartialLocalSGD(Strategy):
             schedule = Schedule.plsgd(sync_units(model), cfg.period)
             if cfg.algorithm == "dreamddp":
                 self.note = "no schedule file given: using PLSGD's equal-bytes contiguous groups"
-        self.ddp = DreamDDP(model, schedule, bucket_cap_mb=cfg.bucket_cap_mb, link=link)
+        self.ddp = DreamDDP(model, schedule, bucket_cap_mb=cfg.bucket_cap_mb, link=link,
+                            record_timings=bool(cfg.trace or cfg.metrics_port))
         self.model = self.ddp
         self.schedule = schedule
 
     def after_step(self, step: int) -> CommRecord:
         stats = self.ddp.last_stats
-        return CommRecord(wait_s=stats.wait_s, bytes_sent=stats.bytes_sent)
+        return CommRecord(wait_s=stats.wait_s, bytes_sent=stats.bytes_sent, units_synced=len(stats.units))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        # The wrapper's state dict adds its iteration counter and bucket order to the model's.
+        return {"model": self.ddp.state_dict(), "optimizer": self.optimizer.state_dict(), "strategy": {}}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.ddp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def schedule_record(self) -> dict[str, Any] | None:
+        return {"period": self.schedule.period,
+                "assignment": {n: list(its) for n, its in self.schedule.assignment.items()}}
 
     def finish(self) -> None:
         self.ddp.average_all()

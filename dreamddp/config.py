@@ -25,6 +25,7 @@ __all__ = ["ALGORITHMS", "DataConfig", "TrainConfig", "ExperimentConfig", "load_
 
 ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp")
 OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -67,18 +68,40 @@ class TrainConfig:
     timeout_s: float = 300.0  # process-group timeout: a dead or hung rank fails the run after this
     backend: str = "auto"  # auto = nccl with CUDA, else gloo
     progress: bool = True
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at train.steps)
+    lr_warmup: int = 0  # iterations of linear warm-up before the schedule
+    checkpoint_dir: str = ""  # per-rank checkpoints here; a run finding one there resumes from it
+    checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end (with checkpoint_dir)
+    checkpoint_keep: int = 2  # complete checkpoints kept
+    checkpoint_average: bool = False  # also write rank 0's copy of the averaged model (averaged.pt)
+    metrics_port: int = 0  # >0: Prometheus /metrics on this port + LOCAL_RANK
+    metrics_addr: str = "127.0.0.1"
+    trace: str = ""  # write a Chrome/Perfetto trace of real iterations here
+    trace_steps: int = 50  # iterations traced, from the first timed one
+    heartbeat_s: float = 1.0  # liveness beat interval, used to name a failed rank
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm {self.algorithm!r} is unknown; choose one of: {', '.join(ALGORITHMS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule {self.lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
         _positive_int("train.steps", self.steps)
         _positive_int("train.period", self.period)
         _positive_int("train.eval_batches", self.eval_batches)
-        for name in ("post_local_warmup", "eval_every", "timing_warmup", "seed"):
+        _positive_int("train.checkpoint_keep", self.checkpoint_keep)
+        _positive_int("train.trace_steps", self.trace_steps)
+        _positive_number("train.heartbeat_s", self.heartbeat_s)
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("train.checkpoint_every needs train.checkpoint_dir (where the checkpoints go)")
+        if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not (
+            self.metrics_port == 0 or 1 <= self.metrics_port <= 65535
+        ):
+            raise ValueError(f"train.metrics_port must be 0 (off) or a port in 1..65535, got {self.metrics_port!r}")
+        for name in ("post_local_warmup", "eval_every", "timing_warmup", "seed", "lr_warmup", "checkpoint_every"):
             _non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "bucket_cap_mb", "timeout_s"):
             _positive_number(f"train.{name}", getattr(self, name))

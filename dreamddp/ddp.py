@@ -200,8 +200,10 @@ class DreamDDP(nn.Module):
             bucket.wait()
         self.total_bytes_sent += sum(b.nbytes for b in pending)
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {"iteration": self._iteration, "period": self._schedule.period}
+    def get_extra_state(self) -> dict[str, Any]:
+        # The bucket order is part of the state: buckets decide how a reduction is split, so a
+        # resumed run must launch the same ones to continue bit for bit.
+        return {"iteration": self._iteration, "period": self._schedule.period, "order": list(self._order)}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or state["iteration"] < 0:
@@ -211,6 +213,14 @@ class DreamDDP(nn.Module):
                 f"checkpoint was written with period {state.get('period')!r}, this schedule has "
                 f"period {self._schedule.period}"
             )
+        order = state.get("order")
+        if order is not None:
+            if sorted(order) != list(range(len(self.units))):
+                raise ValueError(f"checkpoint's bucket order does not fit this model's {len(self.units)} units")
+            if list(order) != self._order:
+                self._order = list(order)
+                self._lay_out()
+            self._order_rebuilt = True
         self._iteration = state["iteration"]
 
     def observed_timings(self) -> list[ObservedIteration]:
@@ -249,6 +259,7 @@ class DreamDDP(nn.Module):
             ready_s={self.units[i].name: seconds(m) for i, m in ready.items()},
             buckets=[ObservedBucket(names, nbytes, seconds(launch), seconds(done)) for names, nbytes, launch, done in buckets],
             backward_end_s=seconds(end),
+            origin_ns=None if clock.cuda else origin,
         )
 
     def remove_hooks(self) -> None:

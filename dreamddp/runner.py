@@ -28,15 +28,22 @@ def torchrun(
     nproc: int = 2,
     timeout: float | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    max_restarts: int = 0,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Run ``torchrun --standalone --nproc-per-node N -m <module_args>``; return its stdout.
 
-    A failing run raises ``TrainRunFailed`` with the last lines of its output.
+    ``env`` adds to this process's environment. A failing run raises ``TrainRunFailed`` with
+    the last lines of its output.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", *module_args]
-    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", *module_args]
+    env = {**os.environ, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
+    # torchrun --standalone shares its rendezvous store with the workers, and a restarted gloo
+    # job then reads the previous attempt's addresses (pytorch/pytorch#135712): keep them apart.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
@@ -55,6 +62,8 @@ def run_torchrun(
     nproc: int = 2,
     timeout: float | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    max_restarts: int = 0,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train under torchrun (``-m dreamddp.train``) and return rank 0's summary record.
 
@@ -64,7 +73,7 @@ def run_torchrun(
     for item in overrides:
         args += ["--set", item]
     started = time.perf_counter()
-    torchrun(args, nproc=nproc, timeout=timeout, cwd=cwd)
+    torchrun(args, nproc=nproc, timeout=timeout, cwd=cwd, max_restarts=max_restarts, env=env)
     records = [json.loads(line) for line in Path(log).read_text().splitlines()]
     summary = records[-1]["summary"]
     summary["wall_s"] = time.perf_counter() - started

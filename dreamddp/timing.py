@@ -56,3 +56,4 @@ class ObservedIteration:
     ready_s: dict[str, float] = field(default_factory=dict)  # unit -> gradients complete
     buckets: list[ObservedBucket] = field(default_factory=list)
     backward_end_s: float = 0.0  # the end-of-backward callback ran
+    origin_ns: int | None = None  # perf_counter_ns() of the origin on CPU (None on CUDA: device time)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import socket
 import statistics
@@ -23,17 +24,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .algorithms import Strategy, build_strategy
+from .algorithms import Strategy, build_lr_scheduler, build_strategy
+from .checkpoint import CheckpointError, Checkpointer, capture_rng, restore_rng, unit_signatures
 from .comm import average_tensors, describe_link, link_from_settings
 from .config import ExperimentConfig, load_config
 from .data import build_data
+from .failures import FaultPlan, Heartbeat, PeerFailure, Terminated, install_sigterm, is_communication_error
+from .metrics import IterationSample, TrainingMetrics
 from .models import build_model, model_task
+from .trace import IterationMarks, TraceRecorder
 from .units import sync_units
 
 __all__ = ["init_process_group", "loss_for_task", "main", "run"]
@@ -46,26 +52,59 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set train.algorithm=ssgd --set train.link=100mbit,20ms",
     )
+    for flag, key, meta, text in _SHORTCUTS:
+        parser.add_argument(flag, dest=key, metavar=meta, help=f"{text} (same as --set train.{key}=...)")
     return parser.parse_args(argv)
+
+
+_SHORTCUTS = (
+    ("--checkpoint-dir", "checkpoint_dir", "DIR", "write per-rank checkpoints here and resume from the latest"),
+    ("--checkpoint-every", "checkpoint_every", "N", "iterations between checkpoints"),
+    ("--metrics-port", "metrics_port", "PORT", "serve Prometheus metrics on PORT + LOCAL_RANK"),
+    ("--trace", "trace", "OUT.json", "write a Chrome/Perfetto trace of real iterations"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    overrides = list(args.set)
+    for _, key, _, _ in _SHORTCUTS:
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"train.{key}={value}" if key not in ("checkpoint_dir", "trace")
+                             else f"train.{key}={json.dumps(value)}")
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, overrides)
+        FaultPlan.from_env()
     except ValueError as err:
         print(f"dreamddp train: error: {err}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except (PeerFailure, Stopped) as err:
+        print(f"dreamddp train: error: {err}", file=sys.stderr, flush=True)
+        return 143 if isinstance(err, Stopped) else 1
+    except ValueError as err:  # bad input found once the job is up (checkpoint, schedule, port)
+        print(f"dreamddp train: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
+
+
+class Stopped(RuntimeError):
+    """This rank was told to stop (SIGTERM) in the middle of training."""
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """Train as configured; return the summary on rank 0 (None elsewhere)."""
     device = init_process_group(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
+    install_sigterm()
+    heartbeat = Heartbeat(rank, world, cfg.train.heartbeat_s)
+    metrics = None
     try:
         torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)  # every stream seeded: two runs of one config are the same run
+        np.random.seed(cfg.train.seed)
         model = build_model(cfg.model_name, cfg.model_options).to(device)
         task = model_task(cfg.model_name)
         data = build_data(
@@ -84,62 +123,188 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
             raise SystemExit(f"dreamddp train: error: a latency-only link ({link.spec}) needs gloo; "
                              "with NCCL use a full simulated link such as train.link=100mbit,20ms")
         strategy = build_strategy(model, cfg.train, link)
+        if cfg.train.metrics_port:
+            port = cfg.train.metrics_port + int(os.environ.get("LOCAL_RANK", 0))
+            metrics = _agree(lambda: TrainingMetrics(port, cfg.train.metrics_addr, rank,
+                                                     unit="tokens" if task == "lm" else "samples"), device)
         try:
-            summary = _train(cfg, strategy, data, task, device, link)
+            summary = _train(cfg, strategy, data, task, device, link, heartbeat, metrics)
         finally:
             strategy.close()
             del strategy
         dist.barrier()
         return summary if rank == 0 else None
     finally:
+        heartbeat.close()
+        if metrics is not None:
+            metrics.close()
         dist.destroy_process_group()
 
 
-def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: torch.device, link) -> dict | None:
+def _agree(build, device: torch.device):
+    """Run ``build`` on every rank; if it fails anywhere, raise the first rank's error everywhere.
+
+    Start-up checks that only one rank can fail (its port is taken, its checkpoint file is
+    missing) must not leave the other ranks waiting in the next collective until the timeout.
+    """
+    try:
+        result, problem = build(), None
+    except ValueError as err:
+        result, problem = None, str(err)
+    problems: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    for r, p in enumerate(problems):
+        if p is not None:
+            if result is not None and hasattr(result, "close"):
+                result.close()
+            raise ValueError(p if r == dist.get_rank() else f"rank {r}: {p}")
+    return result
+
+
+def _resume(cfg: ExperimentConfig, strategy: Strategy, lr_scheduler, device: torch.device):
+    """Load the latest checkpoint if there is one; returns (checkpointer, step, progress)."""
+    tc = cfg.train
+    if not tc.checkpoint_dir:
+        return None, 0, {}
+    checkpointer = Checkpointer.for_process_group(tc.checkpoint_dir, tc.checkpoint_keep)
+    step = checkpointer.agreed_latest_step(device)
+    if step is None:
+        return checkpointer, 0, {}
+    expect = {"units": unit_signatures(sync_units(strategy.raw_model)), "algorithm": tc.algorithm,
+              "schedule": strategy.schedule_record()}
+
+    def load() -> dict[str, Any]:
+        state = checkpointer.load(step, expect)
+        if step > tc.steps:
+            raise CheckpointError(f"checkpoint in {tc.checkpoint_dir!r} is at iteration {step}, past "
+                                  f"train.steps={tc.steps}")
+        return state
+
+    state = _agree(load, device)
+    strategy.load_checkpoint_state(state)
+    if lr_scheduler is not None and state.get("lr_scheduler") is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    restore_rng(state["rng"])
+    return checkpointer, step, dict(state.get("progress", {}))
+
+
+def _checkpoint(checkpointer: Checkpointer, cfg: ExperimentConfig, strategy: Strategy, lr_scheduler, step: int,
+                progress: dict[str, Any], data, loss_fn, device) -> None:
+    tc = cfg.train
+    state = {
+        **strategy.checkpoint_state(),
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "rng": capture_rng(),
+        "progress": progress,
+        "algorithm": tc.algorithm,
+        "units": unit_signatures(sync_units(strategy.raw_model)),
+        "schedule": strategy.schedule_record(),
+    }
+    target = checkpointer.save(step, state, meta={"algorithm": tc.algorithm, "config": cfg.to_dict()})
+    if tc.checkpoint_average:
+        averaged = _averaged_state(strategy.raw_model)
+        if dist.get_rank() == 0:
+            torch.save(averaged, target / "averaged.pt")
+
+
+def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: torch.device, link,
+           heartbeat: Heartbeat, metrics: TrainingMetrics | None) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     tc = cfg.train
-    log = _RankZeroLog(tc.log if rank == 0 else None)
-    log.write({"event": "start", "config": cfg.to_dict(), "world_size": world, "device": str(device),
-               "torch": torch.__version__, "link": describe_link(link),
-               "note": strategy.note})
+    lr_scheduler = build_lr_scheduler(tc, strategy.optimizer)
+    checkpointer, start_step, progress = _resume(cfg, strategy, lr_scheduler, device)
+    fault = FaultPlan.from_env()
+    log = _RankZeroLog(tc.log if rank == 0 else None, append=start_step > 0)
+    if start_step:
+        log.write({"event": "resume", "step": start_step, "checkpoint_dir": tc.checkpoint_dir,
+                   "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))})
+    else:
+        log.write({"event": "start", "config": cfg.to_dict(), "world_size": world, "device": str(device),
+                   "torch": torch.__version__, "link": describe_link(link),
+                   "note": strategy.note})
     loss_fn = loss_for_task(task)
     samples_per_step = cfg.data.batch_size * (cfg.data.seq_len if task == "lm" else 1) * world
     iter_times, waits, sent_total = [], [], 0
-    train_time, steps_done = 0.0, tc.steps  # training time excludes evaluation
+    train_time = float(progress.get("train_time_s", 0.0))  # training time excludes evaluation
+    steps_done = tc.steps
     busy_before = link.stats.busy_s if link else 0.0
-    bar = tqdm(total=tc.steps, desc=tc.algorithm, disable=rank != 0 or not tc.progress, dynamic_ncols=True)
-    for step in range(tc.steps):
-        x, y = (t.to(device, non_blocking=True) for t in data.batch(step))
-        start = time.perf_counter()
-        strategy.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(strategy.model(x), y)
-        loss.backward()
-        if tc.grad_clip:
-            nn.utils.clip_grad_norm_(strategy.raw_model.parameters(), tc.grad_clip)
-        strategy.optimizer.step()
-        comm = strategy.after_step(step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # once per iteration, outside every hook: honest timing
-        elapsed = time.perf_counter() - start
-        loss_value = loss.item()
-        if step >= tc.timing_warmup:
-            iter_times.append(elapsed)
-            if comm.wait_s is not None:
-                waits.append(comm.wait_s)
-        sent_total += comm.bytes_sent
-        log.write({"step": step, "loss": loss_value, "iter_s": elapsed, "comm_wait_s": comm.wait_s,
-                   "bytes_sent": comm.bytes_sent, "throughput": samples_per_step / elapsed})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", it_s=f"{elapsed:.3f}")
-        train_time += elapsed
-        if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            val = _evaluate_averaged(strategy.raw_model, data, loss_fn, tc.eval_batches, device)
-            log.write({"step": step, "val_loss": val, "time_s": train_time})
-            if tc.time_budget_s and _rank_zero_value(train_time, device) >= tc.time_budget_s:
-                steps_done = step + 1
-                break  # every rank decides on rank 0's clock, so all stop at the same step
-    bar.close()
+    tracer = TraceRecorder(tc.trace, max(start_step, tc.timing_warmup), tc.trace_steps) if tc.trace else None
+    ddp = getattr(strategy, "ddp", None)
+    bar = tqdm(total=tc.steps, initial=start_step, desc=tc.algorithm, disable=rank != 0 or not tc.progress,
+               dynamic_ncols=True)
+    step = start_step
+    try:
+        for step in range(start_step, tc.steps):
+            heartbeat.iteration = step
+            if fault is not None:
+                fault.maybe_fire(rank, step)
+            x, y = (t.to(device, non_blocking=True) for t in data.batch(step))
+            t_start = time.perf_counter_ns()
+            strategy.optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(strategy.model(x), y)
+            t_forward = time.perf_counter_ns()
+            loss.backward()
+            t_backward = time.perf_counter_ns()
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(strategy.raw_model.parameters(), tc.grad_clip)
+            strategy.optimizer.step()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
+            t_optimizer = time.perf_counter_ns()
+            comm = strategy.after_step(step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once per iteration, outside every hook: honest timing
+            t_end = time.perf_counter_ns()
+            elapsed = (t_end - t_start) / 1e9
+            loss_value = loss.item()
+            if step >= tc.timing_warmup:
+                iter_times.append(elapsed)
+                if comm.wait_s is not None:
+                    waits.append(comm.wait_s)
+            sent_total += comm.bytes_sent
+            in_backward_wait = ddp.last_stats.wait_s if ddp is not None else 0.0
+            if tracer is not None and tracer.wants(step):
+                tracer.add(IterationMarks(step, step % max(tc.period, 1), t_start, t_forward, t_backward, t_optimizer,
+                                          t_end, backward_wait_s=in_backward_wait,
+                                          after_step_wait_s=0.0 if ddp is not None else (comm.wait_s or 0.0)))
+            if metrics is not None:
+                metrics.observe(IterationSample(
+                    iteration=step, iteration_s=elapsed, exposed_comm_s=comm.wait_s,
+                    hidden_comm_s=_hidden_comm_s(ddp, comm), bytes_sent=comm.bytes_sent,
+                    units_synced=comm.units_synced, loss=loss_value, throughput=samples_per_step / elapsed))
+            log.write({"step": step, "loss": loss_value, "iter_s": elapsed, "comm_wait_s": comm.wait_s,
+                       "bytes_sent": comm.bytes_sent, "throughput": samples_per_step / elapsed})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", it_s=f"{elapsed:.3f}")
+            train_time += elapsed
+            if checkpointer is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 \
+                    and step + 1 < tc.steps:
+                _checkpoint(checkpointer, cfg, strategy, lr_scheduler, step + 1, {"train_time_s": train_time},
+                            data, loss_fn, device)
+            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+                val = _evaluate_averaged(strategy.raw_model, data, loss_fn, tc.eval_batches, device)
+                log.write({"step": step, "val_loss": val, "time_s": train_time})
+                if tc.time_budget_s and _rank_zero_value(train_time, device) >= tc.time_budget_s:
+                    steps_done = step + 1
+                    break  # every rank decides on rank 0's clock, so all stop at the same step
+    except Terminated as sig:
+        how = f"{sig} from the launcher, which stops every rank when one fails"
+        if world > 1:
+            raise Stopped(str(heartbeat.diagnose(step, how))) from None
+        raise Stopped(f"rank {rank} stopped at iteration {step} ({how})") from None
+    except RuntimeError as err:
+        if world > 1 and is_communication_error(err):
+            raise heartbeat.diagnose(step, err) from None
+        raise
+    finally:
+        bar.close()
+    if checkpointer is not None:
+        _checkpoint(checkpointer, cfg, strategy, lr_scheduler, steps_done, {"train_time_s": train_time},
+                    data, loss_fn, device)
+    if tracer is not None:
+        tracer.write(ddp.observed_timings() if ddp is not None else [], tc.algorithm)
     channel_busy = (link.stats.busy_s - busy_before) if link else None
+    steps_run = max(1, steps_done - start_step)
     strategy.finish()
     val_loss = _evaluate(strategy.raw_model, data, loss_fn, tc.eval_batches, device)
     mine = {
@@ -160,16 +325,17 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
         "algorithm": tc.algorithm,
         "world_size": world,
         "steps": steps_done,
+        "resumed_from": start_step,
         "train_time_s": train_time,
         "period": tc.period,
         "link": describe_link(link),
         "iter_s": max(r["iter_s_mean"] or 0.0 for r in ranks),  # the slowest rank sets the pace
         "iter_s_median": ranks[0]["iter_s_median"],
         "comm_wait_s": ranks[0]["comm_wait_s_mean"],
-        "channel_busy_s_per_iter": (channel_busy / steps_done) if channel_busy is not None else None,
-        "bytes_per_iter": sent_total / steps_done,
+        "channel_busy_s_per_iter": (channel_busy / steps_run) if channel_busy is not None else None,
+        "bytes_per_iter": sent_total / steps_run,
         "throughput": samples_per_step / max(r["iter_s_mean"] or float("inf") for r in ranks),
-        "final_loss": loss_value,
+        "final_loss": loss_value if steps_done > start_step else None,
         "val_loss": val_loss,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
         "ranks": ranks,
@@ -178,6 +344,35 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
     log.write({"event": "summary", "summary": summary})
     log.close()
     return summary
+
+
+def _hidden_comm_s(ddp, comm) -> float | None:
+    """Communication time that overlapped compute: the buckets' busy span minus the wait."""
+    if ddp is None:
+        return 0.0 if comm.wait_s is not None else None
+    observed = ddp.observed_timings()
+    if not observed or observed[-1].iteration != ddp.iteration - 1 or not observed[-1].buckets:
+        return 0.0
+    spans = sorted((b.launch_s, b.done_s) for b in observed[-1].buckets)
+    busy, end = 0.0, float("-inf")
+    for start, done in spans:  # length of the union of the buckets' intervals
+        if done > end:
+            busy += done - max(start, end)
+            end = done
+    return max(0.0, busy - (comm.wait_s or 0.0))
+
+
+def _averaged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The averaged model's state dict (every rank takes part), leaving each rank's own weights."""
+    tensors = [t for u in sync_units(model) for t in u.tensors]
+    snapshot = [t.clone() for t in tensors]
+    average_tensors(tensors)
+    try:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    finally:
+        with torch.no_grad():
+            for t, saved in zip(tensors, snapshot):
+                t.copy_(saved)
 
 
 def _rank_zero_value(value: float, device: torch.device) -> float:
@@ -247,11 +442,11 @@ def init_process_group(cfg: ExperimentConfig) -> torch.device:
 class _RankZeroLog:
     """JSON lines written by rank 0 only; other ranks hold a closed log."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, append: bool = False) -> None:
         self._file = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "w", encoding="utf-8")
+            self._file = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
