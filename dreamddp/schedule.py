@@ -5,6 +5,14 @@ unit's parameters are averaged. Iteration t of training uses h = t mod H. Every 
 averaged at least once per period — that is what bounds how far the ranks' models drift — and
 may be averaged more often (the scheduler's fill-in does that where the link is idle).
 
+Two optional fields record what the plan assumed about overlap (see
+``dreamddp.scheduler.simulate``): ``overlap`` — ``"backward"`` (the paper: every average is
+waited for at the end of backward) or ``"forward"`` (a unit's average is waited for just before
+its next forward) — and, for forward overlap only, ``delays``: unit name -> d >= 0, letting a
+unit's average land d whole iterations later still (it then steps locally at once and is
+corrected when the average lands). A delay must be shorter than the gap to the unit's next
+average, so that at most one average of a unit is ever in flight.
+
 Schedules are plain data: built by the baseline constructors here, by the scheduler, or read
 from a versioned JSON file, and validated against the model's units when DreamDDP is built.
 """
@@ -19,18 +27,25 @@ from typing import Any
 from .jsonio import read_json, write_json_atomic
 from .units import SyncUnit
 
-__all__ = ["Schedule", "SCHEDULE_FORMAT"]
+__all__ = ["OVERLAPS", "SCHEDULE_FORMAT", "Schedule"]
 
 SCHEDULE_FORMAT = "dreamddp.schedule/1"
+OVERLAPS = ("backward", "forward")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Period ``period`` and ``assignment``: unit name -> sorted iterations in [0, period)."""
+    """Period ``period`` and ``assignment``: unit name -> sorted iterations in [0, period).
+
+    ``delays`` (unit name -> iterations, zeros dropped) and ``overlap`` say how the plan
+    expects the averages to be waited for; old code that passes neither gets the paper's mode.
+    """
 
     period: int
     assignment: Mapping[str, tuple[int, ...]]
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    delays: Mapping[str, int] = field(default_factory=dict)
+    overlap: str = "backward"
 
     def __post_init__(self) -> None:
         if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
@@ -64,6 +79,31 @@ class Schedule:
             normalised[name] = tuple(sorted(set(its)))
         object.__setattr__(self, "assignment", normalised)
         object.__setattr__(self, "metadata", dict(self.metadata))
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"schedule overlap must be 'backward' or 'forward', got {self.overlap!r}")
+        object.__setattr__(self, "delays", self._checked_delays())
+
+    def _checked_delays(self) -> dict[str, int]:
+        """Validated delays without the zeros, so that {} and {"a": 0} are the same schedule."""
+        if not isinstance(self.delays, Mapping):
+            raise ValueError(f"schedule delays must map unit names to iterations, got {type(self.delays).__name__}")
+        out: dict[str, int] = {}
+        for name, d in self.delays.items():
+            if name not in self.assignment:
+                raise ValueError(f"schedule: delay {d!r} given for unit {name!r}, which the schedule does not average")
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ValueError(f"schedule: unit {name!r} has delay {d!r}; a delay must be an integer >= 0")
+            if d == 0:
+                continue
+            if self.overlap != "forward":
+                raise ValueError(f"schedule: unit {name!r} has delay {d}, but delays need overlap='forward' "
+                                 f"(this schedule has overlap={self.overlap!r})")
+            gap = self.gap_of(name)
+            if d >= gap:
+                raise ValueError(f"schedule: unit {name!r} has delay {d}, but it is averaged again {gap} "
+                                 f"iteration(s) later; its delay must be < {gap} (one average in flight at a time)")
+            out[name] = d
+        return out
 
     # ----------------------------------------------------------------- queries
     @property
@@ -80,6 +120,15 @@ class Schedule:
     def units_at(self, h: int) -> list[str]:
         """Units averaged at iteration ``h`` of the period, in the schedule's unit order."""
         return [name for name, its in self.assignment.items() if h in its]
+
+    def delay_of(self, name: str) -> int:
+        """Extra whole iterations unit ``name``'s average may take (0: needed at the next forward)."""
+        return self.delays.get(name, 0)
+
+    def gap_of(self, name: str) -> int:
+        """Fewest iterations from one average of unit ``name`` to its next (cyclically; H if once)."""
+        its = self.iterations_of(name)
+        return min(b - a for a, b in zip(its, its[1:] + [its[0] + self.period]))
 
     def syncs_per_period(self) -> int:
         return sum(len(its) for its in self.assignment.values())
@@ -136,6 +185,8 @@ class Schedule:
             "format": SCHEDULE_FORMAT,
             "period": self.period,
             "assignment": {n: list(its) for n, its in self.assignment.items()},
+            "overlap": self.overlap,
+            "delays": dict(self.delays),
             "metadata": dict(self.metadata),
         }
 
@@ -154,6 +205,8 @@ class Schedule:
                 period=data["period"],
                 assignment=data["assignment"],
                 metadata=data.get("metadata") or {},
+                delays=data.get("delays") or {},
+                overlap=data.get("overlap", "backward"),
             )
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None

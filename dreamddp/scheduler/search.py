@@ -14,11 +14,29 @@ interchangeable: a schedule is a partition of the units into at most H groups.
   search (moves and swaps) seeded with the contiguous optimum, within a time budget. Never
   worse than ``contiguous_optimal``.
 - ``fill_in``: extra syncs of units already covered, in iterations where they cost nothing.
+
+Forward overlap (``simulate(..., overlap="forward")``) breaks the independence of iterations:
+an all-reduce may spill into the next iteration's channel time and forward, so the order of
+the groups matters and the objective is the steady-state time of the whole period, found by
+simulating it (``ForwardEngine``). For that model:
+
+- ``best_forward``: each unit to one iteration, minimising the steady-state period time —
+  exhaustive (up to rotating the period, which changes nothing in the steady state) while
+  H^(L-1) <= ``EXACT_FORWARD_EVALS``, otherwise the best of the backward-mode schedules
+  (best, contiguous, equal bytes) under every order of their groups (a sample when H > 6),
+  then first-improvement moves and swaps within a time budget. With ``max_delay`` > 0 every
+  unit gets the longest delay allowed (time never grows with a delay) and then each delay is
+  cut back, biggest units first, as far as it costs no time: only delays that buy time keep
+  their snapshot memory;
+- ``brute_force_forward``: every assignment and every delay, for tests;
+- ``with_delays``: the same delay choice for any schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -27,11 +45,15 @@ import numpy as np
 from profiler import Profile
 
 from ..schedule import Schedule
-from .simulate import CostModel
+from .simulate import CostModel, ForwardEngine, ForwardRun, Message, _lower_bound, check_overlap
 
-__all__ = ["EXACT_MAX_UNITS", "best", "brute_force", "contiguous_optimal", "equal_bytes", "fill_in", "paper_dfs", "total_exposed"]
+__all__ = [
+    "EXACT_FORWARD_EVALS", "EXACT_MAX_UNITS", "best", "best_forward", "brute_force", "brute_force_forward",
+    "contiguous_optimal", "equal_bytes", "fill_in", "paper_dfs", "total_exposed", "with_delays",
+]
 
 EXACT_MAX_UNITS = 10  # subset DP up to here (H * 3^10 ~ 0.2 M steps); local search beyond
+EXACT_FORWARD_EVALS = 2048  # exhaustive forward search up to this many simulations (~0.1-0.3 s)
 _EPS = 1e-12
 
 
@@ -246,14 +268,23 @@ def _local_search(inst: _Instance, groups: list[list[int]], deadline: float) -> 
     return groups
 
 
-def fill_in(schedule: Schedule, profile: Profile) -> Schedule:
-    """Add extra syncs of units where they raise no iteration's exposed time.
+def fill_in(schedule: Schedule, profile: Profile, overlap: str | None = None, time_budget_s: float = 0.5) -> Schedule:
+    """Add extra syncs of units where they cost no time: the link was idle anyway.
 
-    For each iteration, units not yet synchronised there are tried in backward order and
-    kept when the iteration's exposed time does not grow: the link was idle anyway.
+    Backward overlap: for each iteration, units not yet synchronised there are tried in
+    backward order and kept when that iteration's exposed time does not grow. Forward overlap
+    (the schedule's own mode by default): kept when the steady-state period time does not
+    grow; a delayed unit gets an extra sync only where its delay stays shorter than its gaps.
+    Each forward trial is a simulation, so that pass stops after ``time_budget_s``.
     """
+    overlap = check_overlap(schedule.overlap if overlap is None else overlap)
+    schedule.check_units(profile.names)
+    if overlap == "forward":
+        return _fill_in_forward(schedule, profile, time.perf_counter() + time_budget_s)
+    if schedule.delays:
+        raise ValueError("fill_in: this schedule has delays, which only forward overlap can price; "
+                         "fill it in with overlap='forward'")
     inst = _Instance(profile, schedule.period)
-    schedule.check_units(inst.names)
     index = {n: i for i, n in enumerate(inst.names)}
     assignment = {n: list(schedule.iterations_of(n)) for n in inst.names}
     for h in range(schedule.period):
@@ -266,9 +297,13 @@ def fill_in(schedule: Schedule, profile: Profile) -> Schedule:
             if inst.cost(trial) <= base + _EPS:
                 members = trial
                 assignment[inst.names[i]].append(h)
-    metadata = {**schedule.metadata, "fill_in": True,
-                "extra_syncs": sum(map(len, assignment.values())) - schedule.syncs_per_period()}
-    return Schedule(schedule.period, assignment, metadata=metadata)
+    return _filled(schedule, assignment)
+
+
+def _filled(schedule: Schedule, assignment: dict[str, list[int]]) -> Schedule:
+    extra = sum(map(len, assignment.values())) - schedule.syncs_per_period()
+    metadata = {**schedule.metadata, "fill_in": True, "extra_syncs": extra}
+    return dataclasses.replace(schedule, assignment=assignment, metadata=metadata)
 
 
 def equal_bytes(profile: Profile, period: int) -> Schedule:
@@ -277,3 +312,282 @@ def equal_bytes(profile: Profile, period: int) -> Schedule:
 
     inst = _Instance(profile, period)
     return inst.schedule(split_equal_bytes([u.nbytes for u in profile.units], period), "plsgd")
+
+
+# --------------------------------------------------------------------------- forward overlap
+
+
+class _ForwardInstance:
+    """One profile and period under forward overlap: the steady-state time of any assignment."""
+
+    def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be an integer >= 1, got {period!r}")
+        self.profile = profile
+        self.period = period
+        self.names = profile.names
+        self.n = len(self.names)
+        self.model = CostModel(profile, bucket_cap_mb)
+        self.engine = ForwardEngine(profile, self.model)
+        self.lower = _lower_bound(profile, period)
+        self.tol = self.engine.tol
+        self._messages: dict[tuple[int, ...], list[Message]] = {}
+        self.evaluations = 0
+
+    def groups_of(self, phase_of: Sequence[int]) -> list[tuple[int, ...]]:
+        groups: list[list[int]] = [[] for _ in range(self.period)]
+        for u, h in enumerate(phase_of):
+            groups[h].append(u)
+        return [tuple(g) for g in groups]
+
+    def run(self, groups: Sequence[tuple[int, ...]], delays: Sequence[int]) -> ForwardRun:
+        """The steady state; ``groups[h]``: the units averaged at h, ascending."""
+        phases = []
+        for g in groups:
+            messages = self._messages.get(g)
+            if messages is None:
+                messages = self._messages[g] = self.model.phase_messages(g)
+            phases.append(messages)
+        self.evaluations += 1
+        return self.engine.run(phases, delays)
+
+    def time(self, groups: Sequence[tuple[int, ...]], delays: Sequence[int]) -> float:
+        """Steady-state seconds per period."""
+        return self.run(groups, delays).period_s
+
+    def schedule(self, groups: Sequence[Sequence[int]], delays: Sequence[int], method: str,
+                 metadata: dict | None = None) -> Schedule:
+        assignment: dict[str, list[int]] = {name: [] for name in self.names}
+        for h, group in enumerate(groups):
+            for u in group:
+                assignment[self.names[u]].append(h)
+        seconds = self.time([tuple(sorted(g)) for g in groups], delays)
+        compute = self.period * (self.profile.forward_s + self.profile.backward_s + self.profile.optimizer_s)
+        meta = {**(metadata or {}), "method": method, "overlap": "forward", "predicted_period_s": seconds,
+                "predicted_exposed_s": max(0.0, seconds - compute), "lower_bound_s": self.lower}
+        return Schedule(self.period, assignment, metadata=meta, overlap="forward",
+                        delays={self.names[u]: d for u, d in enumerate(delays) if d})
+
+
+def _max_delays(schedule_groups: Sequence[Sequence[int]], n: int, period: int, max_delay: int) -> list[int]:
+    """Per unit, the longest delay allowed: below its shortest gap between averages, and max_delay."""
+    its: list[list[int]] = [[] for _ in range(n)]
+    for h, group in enumerate(schedule_groups):
+        for u in group:
+            its[u].append(h)
+    out = []
+    for hs in its:
+        gap = min(b - a for a, b in zip(hs, hs[1:] + [hs[0] + period])) if hs else period
+        out.append(min(max_delay, gap - 1))
+    return out
+
+
+def _prune_delays(inst: _ForwardInstance, groups: Sequence[tuple[int, ...]], delays: list[int],
+                  deadline: float = float("inf")) -> list[int]:
+    """Cut each delay back (biggest units first) as far as the period time stays the same.
+
+    A unit whose bucket ends by the end of its backward needs no delay at all (dropping it
+    changes nothing in the timeline): those go first, with no simulation. For the others the
+    shortest delay that keeps the time is found by bisection, since time never grows with a
+    delay. Past ``deadline`` the remaining delays stay as they are: time-optimal, more memory.
+    """
+    run = inst.run(groups, delays)
+    target = run.period_s
+    delays = [0 if run.overrun.get(u, 0.0) <= 0.0 else d for u, d in enumerate(delays)]
+    for u in sorted((k for k in range(inst.n) if delays[k]), key=lambda k: (-inst.model.nbytes[k], k)):
+        if time.perf_counter() > deadline:
+            break
+        lo, hi = 0, delays[u]  # hi keeps the time; find the least such delay in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if inst.time(groups, delays[:u] + [mid] + delays[u + 1:]) <= target + inst.tol:
+                hi = mid
+            else:
+                lo = mid + 1
+        delays = delays[:u] + [hi] + delays[u + 1:]
+    return delays
+
+
+def _check_max_delay(max_delay: int) -> None:
+    if isinstance(max_delay, bool) or not isinstance(max_delay, int) or max_delay < 0:
+        raise ValueError(f"max_delay must be an integer >= 0, got {max_delay!r}")
+
+
+def best_forward(profile: Profile, period: int, max_delay: int = 0, time_budget_s: float = 0.5,
+                 bucket_cap_mb: float = 25.0) -> Schedule:
+    """The schedule (each unit once per period) with the least steady-state time under forward
+    overlap; delays up to ``max_delay`` iterations where they save time."""
+    _check_max_delay(max_delay)
+    inst = _ForwardInstance(profile, period, bucket_cap_mb)
+    start = time.perf_counter()
+    deadline = start + time_budget_s  # with delays, 30% of the budget is kept for choosing them
+    search_deadline = start + (0.7 if max_delay else 1.0) * time_budget_s
+    n, H = inst.n, period
+    delays = [min(max_delay, H - 1)] * n
+    if H ** (n - 1) <= EXACT_FORWARD_EVALS:
+        search = "exhaustive"
+        best_value, best_phases = float("inf"), [0] * n
+        for rest in itertools.product(range(H), repeat=n - 1):
+            phases = (0, *rest)  # unit 0 at iteration 0: a rotated period has the same steady state
+            value = inst.time(inst.groups_of(phases), delays)
+            if value < best_value - inst.tol:
+                best_value, best_phases = value, list(phases)
+    else:
+        search = "local"
+        best_phases, best_value = _forward_seed(inst, delays, search_deadline)
+        best_phases, best_value = _forward_local_search(inst, best_phases, delays, best_value, search_deadline)
+    if max_delay:
+        delays = _prune_delays(inst, inst.groups_of(best_phases), delays, deadline)
+        best_phases, delays = _fewer_snapshots(inst, best_phases, delays, best_value, deadline)
+    return inst.schedule(inst.groups_of(best_phases), delays, "dreamddp",
+                         {"search": search, "simulations": inst.evaluations})
+
+
+def _fewer_snapshots(inst: _ForwardInstance, phases: list[int], delays: list[int], target: float,
+                     deadline: float) -> tuple[list[int], list[int]]:
+    """Give delayed units (biggest first) a shorter delay, in any iteration, where that costs no time.
+
+    The time search leaves every unit of a delayed bucket delayed; moving a small neighbour
+    out of it often lets the neighbour go undelayed, saving its snapshot.
+    """
+    improved = True
+    while improved:
+        improved = False
+        for u in sorted((k for k in range(inst.n) if delays[k]), key=lambda k: (-inst.model.nbytes[k], k)):
+            for h in [phases[u]] + [k for k in range(inst.period) if k != phases[u]]:
+                if time.perf_counter() > deadline:
+                    return phases, delays
+                trial_phases = phases[:u] + [h] + phases[u + 1:]
+                groups = inst.groups_of(trial_phases)
+                found = next((d for d in range(delays[u]) if inst.time(
+                    groups, delays[:u] + [d] + delays[u + 1:]) <= target + inst.tol), None)
+                if found is not None:
+                    phases, delays, improved = trial_phases, delays[:u] + [found] + delays[u + 1:], True
+                    break
+    return phases, delays
+
+
+def _phases_of(schedule: Schedule, names: Sequence[str]) -> list[list[int]]:
+    index = {name: i for i, name in enumerate(names)}
+    return [[index[n] for n in schedule.units_at(h)] for h in range(schedule.period)]
+
+
+def _forward_seed(inst: _ForwardInstance, delays: Sequence[int], deadline: float) -> tuple[list[int], float]:
+    """The best backward-mode partitions, each under the orders of its groups that matter here."""
+    budget = max(0.0, deadline - time.perf_counter()) / 4
+    seeds = [best(inst.profile, inst.period, budget), contiguous_optimal(inst.profile, inst.period),
+             equal_bytes(inst.profile, inst.period)]
+    best_value, best_phases = float("inf"), [0] * inst.n
+    for seed in seeds:
+        groups = [g for g in _phases_of(seed, inst.names) if g]
+        first, rest = groups[0], groups[1:]
+        if len(rest) <= 5:
+            orders = list(itertools.permutations(rest))  # the rotation that puts `first` first is free
+        else:
+            orders = [tuple(rest), tuple(reversed(rest))]
+        for order in orders:
+            phases = [0] * inst.n
+            for h, group in enumerate((first, *order)):
+                for u in group:
+                    phases[u] = h
+            value = inst.time(inst.groups_of(phases), delays)
+            if value < best_value - inst.tol:
+                best_value, best_phases = value, phases
+            if time.perf_counter() > deadline:
+                return best_phases, best_value
+    return best_phases, best_value
+
+
+def _forward_local_search(inst: _ForwardInstance, phases: list[int], delays: Sequence[int], value: float,
+                          deadline: float) -> tuple[list[int], float]:
+    """First-improvement moves (a unit to another iteration) and swaps until none helps."""
+    n, H = inst.n, inst.period
+    improved = True
+    while improved and value > inst.lower + inst.tol:
+        improved = False
+        for u in range(n):
+            for h in range(H):
+                if h == phases[u]:
+                    continue
+                if time.perf_counter() > deadline:
+                    return phases, value
+                trial = phases[:u] + [h] + phases[u + 1:]
+                t = inst.time(inst.groups_of(trial), delays)
+                if t < value - inst.tol:
+                    phases, value, improved = trial, t, True
+        for u in range(n):
+            for v in range(u + 1, n):
+                if phases[u] == phases[v]:
+                    continue
+                if time.perf_counter() > deadline:
+                    return phases, value
+                trial = list(phases)
+                trial[u], trial[v] = phases[v], phases[u]
+                t = inst.time(inst.groups_of(trial), delays)
+                if t < value - inst.tol:
+                    phases, value, improved = trial, t, True
+    return phases, value
+
+
+def brute_force_forward(profile: Profile, period: int, max_delay: int = 0, max_evaluations: int = 200_000) -> Schedule:
+    """The best single-sync schedule and delays under forward overlap, by trying all of them."""
+    _check_max_delay(max_delay)
+    inst = _ForwardInstance(profile, period)
+    dmax = min(max_delay, period - 1)
+    count = (period * (dmax + 1)) ** inst.n
+    if count > max_evaluations:
+        raise ValueError(f"brute_force_forward is exponential: {count} simulations is more than "
+                         f"max_evaluations={max_evaluations}")
+    best_value, best_choice = float("inf"), None
+    for phases in itertools.product(range(period), repeat=inst.n):
+        groups = inst.groups_of(phases)
+        for delays in itertools.product(range(dmax + 1), repeat=inst.n):
+            value = inst.time(groups, delays)
+            if value < best_value - inst.tol:
+                best_value, best_choice = value, (groups, list(delays))
+    groups, delays = best_choice
+    return inst.schedule(groups, delays, "brute_force")
+
+
+def with_delays(schedule: Schedule, profile: Profile, max_delay: int, bucket_cap_mb: float = 25.0,
+                time_budget_s: float = 0.5) -> Schedule:
+    """``schedule`` under forward overlap, with the delays (up to ``max_delay``) that save time.
+
+    Each unit first gets the longest delay it may have (shorter than its gaps and ``max_delay``),
+    then delays are cut back where they cost no time, biggest units first.
+    """
+    _check_max_delay(max_delay)
+    schedule.check_units(profile.names)
+    inst = _ForwardInstance(profile, schedule.period, bucket_cap_mb)
+    groups = [tuple(g) for g in _phases_of(schedule, inst.names)]
+    delays = _max_delays(groups, inst.n, schedule.period, max_delay)
+    if max_delay:
+        delays = _prune_delays(inst, groups, delays, time.perf_counter() + time_budget_s)
+    return inst.schedule(groups, delays, str(schedule.metadata.get("method", "schedule")), dict(schedule.metadata))
+
+
+def _fill_in_forward(schedule: Schedule, profile: Profile, deadline: float) -> Schedule:
+    inst = _ForwardInstance(profile, schedule.period)
+    groups = [set(g) for g in _phases_of(schedule, inst.names)]
+    delays = [schedule.delay_of(n) for n in inst.names]
+
+    def frozen() -> list[tuple[int, ...]]:
+        return [tuple(sorted(g)) for g in groups]
+
+    base = inst.time(frozen(), delays)
+    for h in range(schedule.period):
+        for u in range(inst.n):
+            if u in groups[h]:
+                continue
+            if time.perf_counter() > deadline:
+                break
+            groups[h].add(u)
+            allowed = _max_delays(frozen(), inst.n, schedule.period, delays[u])[u] >= delays[u]
+            if allowed and inst.time(frozen(), delays) <= base + inst.tol:
+                continue
+            groups[h].discard(u)
+    assignment = {name: [] for name in inst.names}
+    for h, group in enumerate(groups):
+        for u in group:
+            assignment[inst.names[u]].append(h)
+    return _filled(schedule, assignment)
