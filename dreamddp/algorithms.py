@@ -219,6 +219,13 @@ class PartialLocalSGD(Strategy):
         super().__init__(model, cfg, link)
         if cfg.algorithm == "dreamddp" and cfg.schedule:
             schedule = Schedule.from_json(cfg.schedule)
+            planned_for = schedule.metadata.get("world_size")
+            world = torch.distributed.get_world_size()
+            if planned_for is not None and planned_for != world:
+                # Ring all-reduce costs scale with (n-1)/n and the link mix changes with n: a plan
+                # for another world size is a plan for another job.
+                raise ValueError(f"schedule {cfg.schedule!r} was planned for {planned_for} ranks, this job has "
+                                 f"{world}: profile and plan again for this world size")
             if schedule.period != cfg.period:
                 # The schedule file decides H; say so rather than silently ignoring train.period.
                 self.note = f"schedule {cfg.schedule!r} has period {schedule.period}; train.period={cfg.period} ignored"

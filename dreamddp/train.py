@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamddp train: error: {err}", file=sys.stderr)
         return 2
     try:
+        _check_paths(cfg)
         run(cfg)
     except (PeerFailure, Stopped) as err:
         print(f"dreamddp train: error: {err}", file=sys.stderr, flush=True)
@@ -88,6 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamddp train: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _check_paths(cfg: ExperimentConfig) -> None:
+    """Output paths must be writable before training starts, not when it ends."""
+    tc = cfg.train
+    for key in ("trace", "checkpoint_dir", "log"):
+        value = getattr(tc, key)
+        if not value:
+            continue
+        directory = Path(value) if key == "checkpoint_dir" else Path(value).parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"train.{key} {value!r} cannot be written: {err.strerror or err}") from None
+        if not os.access(directory, os.W_OK):
+            raise ValueError(f"train.{key} {value!r} cannot be written: {str(directory)!r} is not writable")
 
 
 class Stopped(RuntimeError):
@@ -424,6 +441,11 @@ def init_process_group(cfg: ExperimentConfig) -> torch.device:
     if backend == "nccl" and not torch.cuda.is_available():
         raise SystemExit("dreamddp train: error: train.backend='nccl' needs CUDA, and none is available")
     timeout = timedelta(seconds=cfg.train.timeout_s)
+    if "RANK" in os.environ:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE") if not os.environ.get(v)]
+        if missing:
+            raise ValueError(f"environment variable {missing[0]} is not set, but RANK is: start the trainer with "
+                             "torchrun, or set MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE together")
     if "RANK" not in os.environ:
         # Started as a plain process: a world of one on a private loopback port.
         with socket.socket() as s:
