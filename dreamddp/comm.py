@@ -448,6 +448,15 @@ class BucketAverage:
         else:  # usable at the link's release (which may wait for an earlier collective)
             self.booking.when_released(lambda release: setattr(self, "done_ns", max(finished, int(release * 1e9))))
 
+    def is_ready(self) -> bool:
+        """The result may be used now without blocking (the simulated link's release included)."""
+        if not self.work.is_completed():
+            return False
+        if self.booking is None:
+            return True
+        release = self.booking.release
+        return release is not None and time.perf_counter() >= release
+
     def wait(self) -> None:
         self.work.wait()
         if self.booking is not None:

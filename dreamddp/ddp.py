@@ -29,10 +29,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.grad_mode import _unsafe_preserve_version_counter
 
 from .comm import BucketAverage, SimulatedLink
+from .deferred import DeferredSteps
 from .flat import FlatLayout
-from .schedule import Schedule
+from .schedule import OVERLAPS, Schedule
 from .timing import Clock, ObservedBucket, ObservedIteration
 from .units import SyncUnit, sync_units
 
@@ -50,7 +52,45 @@ class IterationStats:
     units: list[str] = field(default_factory=list)
     bytes_sent: int = 0  # payload bytes all-reduced by this rank
     buckets: int = 0
-    wait_s: float = 0.0  # host time blocked at the end of backward (exposed communication)
+    wait_s: float = 0.0  # host time blocked on communication: end of backward + forward stalls
+    backward_wait_s: float = 0.0  # blocked at the end of backward (the paper's mode)
+    forward_stall_s: float = 0.0  # blocked before units' forward (overlap="forward")
+    forward_events: list[tuple[str, str, int, int]] = field(default_factory=list)  # (kind, units, start_ns, end_ns)
+    snapshot_bytes: int = 0  # extra memory held for delayed averages after this backward
+
+
+@dataclass
+class _InFlight:
+    """A bucket whose average outlives its backward pass (``overlap="forward"``).
+
+    Unit u of it is needed by the forward of iteration ``launched + 1 + delays[u]``. A bucket
+    holding a delayed unit reduces a copy (``reduced``) of the weights as they were at launch
+    (``snapshot``) while the live weights train on; each of its units lands on its own due
+    iteration: ``w += mean(snapshot) - snapshot`` for a delayed unit, ``w = mean`` for an
+    undelayed one (whose step was held back until then). Undelayed buckets reduce the weights
+    in place and land as a whole.
+    """
+
+    average: BucketAverage | None
+    plan: _Bucket
+    launched: int
+    delays: dict[int, int]
+    snapshot: torch.Tensor | None = None
+    reduced: torch.Tensor | None = None
+    waited: bool = False
+    landed: set[int] = field(default_factory=set)
+    # unit -> (index among the unit's segments, start, end within the bucket): robust to a re-layout
+    offsets: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+    @property
+    def delayed(self) -> bool:
+        return self.snapshot is not None
+
+    def due(self, unit_id: int) -> int:
+        return self.launched + 1 + self.delays[unit_id]
+
+    def left(self) -> list[int]:
+        return [u for u in sorted(self.plan.unit_ids) if u not in self.landed]
 
 
 @dataclass
@@ -78,6 +118,12 @@ class DreamDDP(nn.Module):
             ready and when each bucket's all-reduce was launched and finished (read with
             ``observed_timings()``; the profiler refreshes a Profile from them). Off by default;
             when on, hooks only take timestamps — nothing waits for the device.
+        overlap: ``"backward"`` (the paper, default): every average launched in backward is
+            waited for when backward ends. ``"forward"``: it is not; a unit's optimizer step is
+            held back until its average lands, at the latest just before the unit's forward in
+            the next iteration, so communication also hides behind the optimizer step and the
+            next forward. Needs ``register_optimizer(optimizer)``. Also enables the schedule's
+            ``delays``. None: what the schedule was planned for (``schedule.overlap``).
     """
 
     def __init__(
@@ -90,10 +136,17 @@ class DreamDDP(nn.Module):
         link: SimulatedLink | None = None,
         broadcast_from_rank0: bool = True,
         record_timings: bool = False,
+        overlap: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a dreamddp.Schedule, got {type(schedule).__name__}")
+        overlap = schedule.overlap if overlap is None else overlap
+        if overlap not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {', '.join(OVERLAPS)}, got {overlap!r}")
+        if schedule.delays and overlap != "forward":
+            raise ValueError(f"the schedule delays {len(schedule.delays)} units, which needs overlap='forward', "
+                             f"got {overlap!r}")
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
         if not dist.is_available() or not dist.is_initialized():
@@ -104,8 +157,9 @@ class DreamDDP(nn.Module):
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.link = link
+        self.overlap = overlap
         self.units: list[SyncUnit] = sync_units(module)
-        _check_agreement(self.units, schedule, self.process_group)
+        _check_agreement(self.units, schedule, self.process_group, overlap)
         self._schedule = schedule
         self._iteration = 0
         self._sync_enabled = True
@@ -139,6 +193,16 @@ class DreamDDP(nn.Module):
         self._observed: list[int] = []
         self._next_bucket = 0
         self._in_flight: list[BucketAverage] = []
+        self._launched: list[_InFlight] = []  # this backward's buckets, as _InFlight (forward mode)
+
+        # Across iterations (overlap="forward"): averages still landing, and held-back steps.
+        self._pending: list[_InFlight] = []
+        self._deferred = DeferredSteps(self._params_to_defer)
+        self._stall_s = 0.0
+        self._forward_events: list[tuple[str, str, int, int]] = []
+        self._forward_hook_handles: list[Any] = []
+        if overlap == "forward":
+            self._forward_hook_handles = self._register_forward_pre_hooks()
         self._hook_handles = [
             p.register_post_accumulate_grad_hook(self._make_hook(i))
             for i, u in enumerate(self.units)
@@ -151,11 +215,42 @@ class DreamDDP(nn.Module):
         if self._in_backward:
             self._abandon_backward()
         if not self._layout.intact():
+            self.flush()
             self._lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
         output = self.module(*args, **kwargs)
+        if self._pending:
+            # Units this forward did not run (or read only outside their modules) are due too.
+            self._land(due_only=True)
         if self._clock is not None and self._sync_enabled:
             self._forward_mark = self._clock.mark()
         return output
+
+    def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Let ``overlap="forward"`` hold back this optimizer's step for units still averaging.
+
+        Register every optimizer that steps the model's parameters, once, on every rank.
+        Harmless (and unused) with ``overlap="backward"``.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"register_optimizer() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._deferred.register(optimizer)
+
+    @torch.no_grad()
+    def flush(self, delayed: bool = True) -> None:
+        """Land every average still in flight and apply the steps held back for it.
+
+        Needed before anything reads all the weights (evaluation, checkpoints, ``average_all``);
+        changes nothing in the arithmetic of undelayed units. ``delayed=False`` leaves delayed
+        averages in flight (their correction time is part of the trajectory).
+        """
+        if self._in_backward:
+            raise RuntimeError("flush() cannot be called during backward")
+        self._land(due_only=False, delayed=delayed)
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Extra memory now held for delayed averages (snapshot + reduction buffer)."""
+        return sum(2 * f.snapshot.numel() * f.snapshot.element_size() for f in self._pending if f.snapshot is not None)
 
     @property
     def schedule(self) -> Schedule:
@@ -175,6 +270,9 @@ class DreamDDP(nn.Module):
         if self._in_backward:
             raise RuntimeError("set_schedule() cannot be called during backward")
         schedule.check_units([u.name for u in self.units])
+        if schedule.delays and self.overlap != "forward":
+            raise ValueError("a schedule with delays needs overlap='forward'")
+        self.flush()
         self._schedule = schedule
         self._plans = self._build_plans()
 
@@ -193,6 +291,7 @@ class DreamDDP(nn.Module):
         """Average every unit now (before evaluation, checkpoints, the end of training)."""
         if self._in_backward:
             raise RuntimeError("average_all() cannot be called during backward")
+        self.flush()
         if not self._layout.intact():
             self._lay_out()
         pending = [BucketAverage([chunk], self.process_group, self.link) for chunk in self._storage_chunks()]
@@ -200,10 +299,24 @@ class DreamDDP(nn.Module):
             bucket.wait()
         self.total_bytes_sent += sum(b.nbytes for b in pending)
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.flush(delayed=False)  # undelayed averages land (arithmetic unchanged); delayed ones are saved
+        return super().state_dict(*args, **kwargs)
+
     def get_extra_state(self) -> dict[str, Any]:
         # The bucket order is part of the state: buckets decide how a reduction is split, so a
-        # resumed run must launch the same ones to continue bit for bit.
-        return {"iteration": self._iteration, "period": self._schedule.period, "order": list(self._order)}
+        # resumed run must launch the same ones to continue bit for bit. Delayed averages still
+        # in flight are finished on the wire and saved unapplied, with the iteration that applies them.
+        delayed = []
+        for f in self._pending:
+            self._wait(f)
+            delayed.append({"key": f.plan.key, "start": f.plan.start, "end": f.plan.end,
+                            "units": sorted(f.plan.unit_ids), "landed": sorted(f.landed), "launched": f.launched,
+                            "delays": [f.delays[u] for u in sorted(f.plan.unit_ids)],
+                            "offsets": [f.offsets[u] for u in sorted(f.plan.unit_ids)],
+                            "snapshot": f.snapshot, "reduced": f.reduced})
+        return {"iteration": self._iteration, "period": self._schedule.period, "order": list(self._order),
+                "delayed": delayed}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or state["iteration"] < 0:
@@ -222,6 +335,15 @@ class DreamDDP(nn.Module):
                 self._lay_out()
             self._order_rebuilt = True
         self._iteration = state["iteration"]
+        self._pending = []
+        for d in state.get("delayed", []):
+            plan = _Bucket(frozenset(d["units"]), d["key"], d["start"], d["end"])
+            device = self._layout.flats[plan.key].device
+            self._pending.append(_InFlight(None, plan, d["launched"], dict(zip(d["units"], d["delays"])),
+                                           d["snapshot"].to(device), d["reduced"].to(device), waited=True,
+                                           landed=set(d["landed"]),
+                                           offsets={u: [tuple(o) for o in offs]
+                                                    for u, offs in zip(d["units"], d["offsets"])}))
 
     def observed_timings(self) -> list[ObservedIteration]:
         """What the last (up to TIMINGS_KEPT) synchronising iterations really did, in seconds.
@@ -232,6 +354,12 @@ class DreamDDP(nn.Module):
             assert self._clock is not None
             self._clock.settle()
             while self._raw_timings:
+                # With forward overlap a bucket may still be landing: leave its iteration for
+                # the next call (for at most two iterations; then its finish counts as unknown).
+                entry = self._raw_timings[0]
+                landing = any(work.done_ns is None for _, work, _ in entry[4])
+                if landing and not self._clock.cuda and entry[0] >= self._iteration - 2:
+                    break
                 self._observed_timings.append(self._convert(*self._raw_timings.popleft()))
         return list(self._observed_timings)
 
@@ -241,9 +369,7 @@ class DreamDDP(nn.Module):
         end = self._clock.mark()
         buckets = []
         for bucket_plan, work, launch in zip(plan, self._in_flight, self._launch_marks):
-            done = work.done_ns if not self._clock.cuda else end
-            names = [self.units[i].name for i in sorted(bucket_plan.unit_ids)]
-            buckets.append((names, work.nbytes, launch, done if done is not None else end))
+            buckets.append(([self.units[i].name for i in sorted(bucket_plan.unit_ids)], work, launch))
         origin = self._forward_mark if self._forward_mark is not None else (self._launch_marks or [end])[0]
         self._raw_timings.append((self._iteration, self.phase, origin, dict(self._ready_marks), buckets, end))
 
@@ -257,16 +383,21 @@ class DreamDDP(nn.Module):
             iteration=iteration,
             phase=phase,
             ready_s={self.units[i].name: seconds(m) for i, m in ready.items()},
-            buckets=[ObservedBucket(names, nbytes, seconds(launch), seconds(done)) for names, nbytes, launch, done in buckets],
+            buckets=[ObservedBucket(names, work.nbytes, seconds(launch),
+                                    seconds(work.done_ns if work.done_ns is not None and not clock.cuda else end))
+                     for names, work, launch in buckets],
             backward_end_s=seconds(end),
             origin_ns=None if clock.cuda else origin,
         )
 
     def remove_hooks(self) -> None:
         """Detach from the model; it trains as a plain module afterwards."""
-        for handle in self._hook_handles:
+        if not self._in_backward:
+            self.flush()
+        for handle in self._hook_handles + self._forward_hook_handles:
             handle.remove()
-        self._hook_handles = []
+        self._hook_handles, self._forward_hook_handles = [], []
+        self._deferred.remove()
 
     # ------------------------------------------------------------- planning
     def _lay_out(self) -> None:
@@ -347,12 +478,15 @@ class DreamDDP(nn.Module):
         return hook
 
     def _start_backward(self) -> None:
+        if self._pending:
+            self._land(due_only=True)  # a backward without our forward: nothing due may stay in flight
         self._in_backward = True
         self._grads_left = list(self._grad_params)
         self._ready = [False] * len(self.units)
         self._observed = []
         self._next_bucket = 0
         self._in_flight = []
+        self._launched = []
         self._ready_marks = {}
         self._launch_marks = []
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
@@ -380,9 +514,23 @@ class DreamDDP(nn.Module):
             view = self._layout.view(bucket.key, bucket.start, bucket.end)
             if self._clock is not None:
                 self._launch_marks.append(self._clock.mark())
-            self._in_flight.append(
-                BucketAverage([view], self.process_group, self.link, track_done=self._clock is not None)
-            )
+            delays = {i: self._schedule.delay_of(self.units[i].name) for i in bucket.unit_ids}
+            has_delayed = any(delays.values())
+            snapshot = reduced = None
+            if has_delayed:
+                # The live weights train on while this average is in flight: reduce a copy.
+                snapshot, reduced = view.clone(), view.clone()
+            average = BucketAverage([reduced if has_delayed else view], self.process_group, self.link,
+                                    track_done=self._clock is not None)
+            self._in_flight.append(average)
+            offsets = {}
+            if has_delayed:
+                for i in bucket.unit_ids:
+                    offsets[i] = [(k, seg.start - bucket.start, seg.end - bucket.start)
+                                  for k, seg in enumerate(self._layout.segments[i])
+                                  if seg.key == bucket.key and bucket.start <= seg.start < bucket.end]
+            self._launched.append(_InFlight(average, bucket, self._iteration, delays, snapshot, reduced,
+                                            offsets=offsets))
             self._next_bucket += 1
 
     @torch.no_grad()
@@ -391,19 +539,37 @@ class DreamDDP(nn.Module):
         try:
             self._launch_ready_buckets(force=True)
             start = time.perf_counter()
-            for bucket in self._in_flight:
-                bucket.wait()
+            if self.overlap == "forward" and self._order_rebuilt:
+                self._pending.extend(self._launched)
+            else:
+                # The paper's mode, and the first synchronising backward of forward mode (the bucket
+                # order may be rebuilt right after it, which moves the storage under any bucket left in flight).
+                for inflight in self._launched:
+                    if inflight.delayed:  # reduces its own copy: a re-layout cannot disturb it
+                        self._pending.append(inflight)
+                        continue
+                    self._wait(inflight)
+                    self._apply_landed(inflight, inflight.left())
             wait_s = time.perf_counter() - start
+            if not self._deferred.registered and any(not f.delays[u] for f in self._pending for u in f.left()):
+                raise RuntimeError("DreamDDP(overlap='forward') must hold back the optimizer step of units "
+                                   "still averaging: call ddp.register_optimizer(optimizer) once")
             if self._clock is not None:
                 self._record_iteration()
             sent = sum(b.nbytes for b in self._in_flight)
+            stall_s, events = self._stall_s, self._forward_events
+            self._stall_s, self._forward_events = 0.0, []
             self.last_stats = IterationStats(
                 iteration=self._iteration,
                 phase=self.phase,
                 units=self._schedule.units_at(self.phase),
                 bytes_sent=sent,
                 buckets=len(self._in_flight),
-                wait_s=wait_s,
+                wait_s=wait_s + stall_s,
+                backward_wait_s=wait_s,
+                forward_stall_s=stall_s,
+                forward_events=events,
+                snapshot_bytes=self.snapshot_bytes,
             )
             self.total_bytes_sent += sent
             self._iteration += 1
@@ -413,9 +579,107 @@ class DreamDDP(nn.Module):
         finally:
             self._in_backward = False
             self._in_flight = []
+            self._launched = []
+
+    # ------------------------------------------------- forward overlap (lazy completion)
+    def _register_forward_pre_hooks(self) -> list[Any]:
+        """A pre-hook on every module that reads a unit's tensors directly (tied owners too)."""
+        unit_of = {id(t): i for i, u in enumerate(self.units) for t in (*u.params, *u.buffers)}
+        wrapper = weakref.ref(self)
+        handles = []
+        for module in self.module.modules():
+            own = list(module._parameters.values()) + list(module._buffers.values())
+            unit_ids = frozenset(unit_of[id(t)] for t in own if t is not None and id(t) in unit_of)
+            if not unit_ids:
+                continue
+
+            def hook(_module: nn.Module, _args: Any, unit_ids: frozenset[int] = unit_ids) -> None:
+                ddp = wrapper()
+                if ddp is not None and ddp._pending:
+                    ddp._land(due_only=True, units=unit_ids)
+
+            handles.append(module.register_forward_pre_hook(hook))
+        return handles
+
+    def _wait(self, inflight: _InFlight) -> None:
+        if not inflight.waited:
+            inflight.average.wait()
+            inflight.waited = True
+
+    @torch.no_grad()
+    def _land(self, *, due_only: bool, units: frozenset[int] | None = None, delayed: bool = True) -> None:
+        """Land pending averages: units due now (or all), touching ``units`` if given.
+
+        ``delayed=False`` lands undelayed units only (their landing time does not change the
+        arithmetic; a delayed unit's does).
+        """
+        keep = []
+        for inflight in self._pending:
+            chosen = [u for u in inflight.left()
+                      if (units is None or u in units)
+                      and (delayed or not inflight.delays[u])
+                      and (not due_only or inflight.due(u) <= self._iteration)]
+            if chosen and not inflight.delayed:
+                chosen = inflight.left()  # reduced in place: the whole bucket lands at once
+            if chosen:
+                start = time.perf_counter_ns()
+                # Every parameter is a view of one flat buffer and shares its version counter, so
+                # writing these units would look to autograd like a write to every tensor this
+                # forward already saved. Only units whose forward has not run yet are written
+                # (that is what a pre-hook is for): keep the counter, as FSDP does for its views.
+                with _unsafe_preserve_version_counter(tuple(self._layout.flats)):
+                    self._wait(inflight)
+                    waited = time.perf_counter_ns()
+                    self._apply_landed(inflight, chosen)
+                if due_only:  # a stall of the next forward: counted and traced
+                    names = "+".join(self.units[i].name for i in chosen)
+                    self._stall_s += (waited - start) / 1e9
+                    self._forward_events.append(("wait", names, start, waited))
+                    self._forward_events.append(("optimizer", names, waited, time.perf_counter_ns()))
+            if inflight.left():
+                keep.append(inflight)
+        self._pending = keep
+
+    def _apply_landed(self, inflight: _InFlight, unit_ids: list[int]) -> None:
+        """Put a landed average into these units' weights, then apply the steps held back for them."""
+        if inflight.delayed:
+            for unit_id in unit_ids:
+                corrected = inflight.delays[unit_id] > 0
+                for k, lo, hi in inflight.offsets[unit_id]:
+                    seg = self._layout.segments[unit_id][k]
+                    live = self._layout.view(seg.key, seg.start, seg.end)
+                    if corrected:  # keep the local progress made since launch
+                        live.add_(inflight.reduced[lo:hi] - inflight.snapshot[lo:hi])
+                    else:  # its step was held back: the weights are still the snapshot
+                        live.copy_(inflight.reduced[lo:hi])
+        inflight.landed.update(unit_ids)
+        if self._deferred.pending:
+            self._deferred.apply(p for i in unit_ids for p in self.units[i].params)
+
+    def _params_to_defer(self) -> set[nn.Parameter]:
+        """Asked by the optimizer's step pre-hook: parameters whose average has not landed.
+
+        Undelayed buckets that already arrived land now (same arithmetic, less waiting later).
+        Buckets holding delayed units land only when due, whatever the network did, so the
+        trajectory does not depend on timing.
+        """
+        defer: set[nn.Parameter] = set()
+        keep = []
+        for inflight in self._pending:
+            if not inflight.delayed and inflight.average.is_ready():
+                self._wait(inflight)
+                self._apply_landed(inflight, inflight.left())
+                continue
+            keep.append(inflight)
+            for unit_id in inflight.left():
+                if not inflight.delays[unit_id]:
+                    defer.update(self.units[unit_id].params)
+        self._pending = keep
+        return defer
 
 
-def _check_agreement(units: list[SyncUnit], schedule: Schedule, group: dist.ProcessGroup) -> None:
+def _check_agreement(units: list[SyncUnit], schedule: Schedule, group: dist.ProcessGroup,
+                     overlap: str = "backward") -> None:
     """Raise the same one-line error on every rank unless all agree on model and schedule.
 
     Checked collectively (one all-gather), so a problem seen by one rank alone fails every
@@ -426,20 +690,24 @@ def _check_agreement(units: list[SyncUnit], schedule: Schedule, group: dist.Proc
         problem = None
     except ValueError as err:
         problem = str(err)
-    mine = ([(u.name, u.signature) for u in units], schedule.period, dict(schedule.assignment), problem)
+    mine = ([(u.name, u.signature) for u in units], schedule.period, dict(schedule.assignment), problem,
+            (overlap, dict(schedule.delays)))
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
     reference = gathered[0]
-    for rank, (theirs, _, _, _) in enumerate(gathered):  # a different model is the root cause
+    for rank, (theirs, *_) in enumerate(gathered):  # a different model is the root cause
         if theirs != reference[0]:
             raise ValueError(_model_difference(reference[0], theirs, rank))
     if problem is not None:
         raise ValueError(problem)
-    for rank, (_, _, _, their_problem) in enumerate(gathered):
+    for rank, (_, _, _, their_problem, _) in enumerate(gathered):
         if their_problem is not None:
             raise ValueError(f"rank {rank}: {their_problem}")
-    for rank, (_, period, assignment, _) in enumerate(gathered):
-        if (period, assignment) != (reference[1], reference[2]):
+    for rank, (_, period, assignment, _, (their_overlap, delays)) in enumerate(gathered):
+        if their_overlap != reference[4][0]:
+            raise ValueError(f"overlap differs across ranks: rank {rank} uses {their_overlap!r}, rank 0 "
+                             f"{reference[4][0]!r}; every rank must wrap the model the same way")
+        if (period, assignment, delays) != (reference[1], reference[2], reference[4][1]):
             raise ValueError(
                 f"schedules differ across ranks: rank {rank} has period {period} and "
                 f"{sum(map(len, assignment.values()))} syncs, rank 0 period {reference[1]} and "

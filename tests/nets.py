@@ -101,14 +101,30 @@ def reference_partial_local_sgd(
 
     Each step: every copy computes its local gradient; the units scheduled at h = t mod H
     have their parameters and floating buffers replaced by the mean over copies; then every
-    copy steps its own optimizer with its own gradient.
+    copy steps its own optimizer with its own gradient. A unit the schedule delays by d is
+    snapshotted instead, and before the forward of step t + 1 + d each copy adds
+    mean(snapshots) - its snapshot, keeping the local progress it made meanwhile.
     """
     torch.manual_seed(0)
     base = make_model()
     models = [copy.deepcopy(base) for _ in range(world_size)]
     optims = [make_optimizer(optimizer, m.parameters()) for m in models]
     units_per_rank = [sync_units(m) for m in models]
+    in_flight: list[tuple[int, int, list[list[torch.Tensor]]]] = []  # (due, unit index, per-rank snapshots)
+
+    @torch.no_grad()
+    def land(due_by: float) -> None:
+        """Delayed averages due now: every copy adds mean(snapshots) - its own snapshot."""
+        nonlocal in_flight
+        for due, u_index, snaps in [f for f in in_flight if f[0] <= due_by]:
+            for t_index in range(len(units_per_rank[0][u_index].tensors)):
+                mean = torch.stack([snaps[r][t_index] for r in range(world_size)]).mean(0)
+                for r in range(world_size):
+                    units_per_rank[r][u_index].tensors[t_index].add_(mean - snaps[r][t_index])
+        in_flight = [f for f in in_flight if f[0] > due_by]
+
     for step in range(steps):
+        land(step)
         for rank, (model, opt) in enumerate(zip(models, optims)):
             opt.zero_grad()
             x, y = make_batch(kind, rank, step)
@@ -118,6 +134,10 @@ def reference_partial_local_sgd(
             for u_index, unit in enumerate(units_per_rank[0]):
                 if h not in schedule.iterations_of(unit.name):
                     continue
+                if schedule.delay_of(unit.name):
+                    snaps = [[t.clone() for t in units_per_rank[r][u_index].tensors] for r in range(world_size)]
+                    in_flight.append((step + 1 + schedule.delay_of(unit.name), u_index, snaps))
+                    continue
                 for t_index in range(len(unit.tensors)):
                     copies = [units_per_rank[r][u_index].tensors[t_index] for r in range(world_size)]
                     mean = torch.stack(copies).mean(0)
@@ -125,4 +145,5 @@ def reference_partial_local_sgd(
                         c.copy_(mean)
         for opt in optims:
             opt.step()
+    land(float("inf"))  # what is still in flight lands at the end (the wrapper's flush)
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
