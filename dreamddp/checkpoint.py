@@ -165,16 +165,29 @@ class Checkpointer:
         candidates += sorted(self.directory.glob("step-*"), reverse=True)
         for path in candidates:
             if (path / _META).exists():
-                return int(read_json(path / _META, "checkpoint metadata")["step"])
+                try:
+                    meta = read_json(path / _META, "checkpoint metadata")
+                    return int(meta["step"])
+                except (ValueError, KeyError, TypeError) as err:
+                    reason = err if isinstance(err, ValueError) else f"{_META} has no step"
+                    raise CheckpointError(f"{reason}; delete {path} to resume from the checkpoint before it, "
+                                          "or use another checkpoint directory") from None
         return None
 
     def agreed_latest_step(self, device: torch.device) -> int | None:
         """Rank 0's latest step, on every rank: all ranks must resume from the same one."""
-        mine = self.latest_step() if self.rank == 0 else None
-        value = torch.tensor([-1 if mine is None else mine], dtype=torch.int64, device=device)
-        dist.broadcast(value, src=0)
-        step = int(value.item())
-        return None if step < 0 else step
+        # Rank 0's answer or its error travel together: an unreadable meta.json must fail every
+        # rank with rank 0's line, not leave the others waiting in the broadcast.
+        answer: list[Any] = [None, None]
+        if self.rank == 0:
+            try:
+                answer[0] = self.latest_step()
+            except ValueError as err:
+                answer[1] = str(err)
+        dist.broadcast_object_list(answer, src=0, device=device if device.type == "cuda" else None)
+        if answer[1] is not None:
+            raise CheckpointError(answer[1] if self.rank == 0 else f"rank 0: {answer[1]}")
+        return answer[0]
 
     def load(self, step: int, expect: dict[str, Any]) -> dict[str, Any]:
         """This rank's state at ``step``, checked against what this run is (``expect``).
@@ -190,13 +203,17 @@ class Checkpointer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
-            raise CheckpointError(f"checkpoint file {path} cannot be read: {str(err).splitlines()[0]}") from None
+            # torch's first sentence says what is wrong; the rest of its paragraph is advice.
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
+            raise CheckpointError(f"checkpoint file {path} cannot be read ({first}); delete {path.parent} to resume "
+                                  "from the checkpoint before it, or use another checkpoint directory") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"checkpoint file {path} is not a {CHECKPOINT_FORMAT} file")
         if state["world_size"] != self.world_size:
             raise CheckpointError(
                 f"checkpoint {path.parent} was written by {state['world_size']} ranks, this job has "
-                f"{self.world_size}: local-SGD state is per rank and cannot be re-split")
+                f"{self.world_size}: local-SGD state is per rank and cannot be re-split; resume with "
+                f"{state['world_size']} ranks, or use another checkpoint directory")
         if "algorithm" in expect and state.get("algorithm") != expect["algorithm"]:
             raise CheckpointError(
                 f"checkpoint {path.parent} was written by algorithm {state.get('algorithm')!r}, this run uses "
@@ -210,19 +227,23 @@ class Checkpointer:
         return state
 
 
+_OTHER_MODEL = "resume with the model config it was written with, or use another checkpoint directory"
+
+
 def _check_units(saved: list, current: list, where: Path) -> None:
     saved_map = {name: sig for name, sig in saved}
     current_map = {name: sig for name, sig in current}
     for name, sig in current_map.items():
         if name not in saved_map:
-            raise CheckpointError(f"checkpoint {where} is from a different model: it has no unit {name!r}")
+            raise CheckpointError(f"checkpoint {where} is from a different model: it has no unit {name!r}; {_OTHER_MODEL}")
         if saved_map[name] != sig:
             raise CheckpointError(
                 f"checkpoint {where} is from a different model: unit {name!r} is {saved_map[name]} there, "
-                f"{sig} here")
+                f"{sig} here; {_OTHER_MODEL}")
     extra = [n for n in saved_map if n not in current_map]
     if extra:
-        raise CheckpointError(f"checkpoint {where} is from a different model: it has unit {extra[0]!r}, this model does not")
+        raise CheckpointError(f"checkpoint {where} is from a different model: it has unit {extra[0]!r}, this model "
+                              f"does not; {_OTHER_MODEL}")
 
 
 def _describe_schedule(schedule: Any) -> str:

@@ -96,7 +96,8 @@ class TrainConfig:
         _positive_int("train.trace_steps", self.trace_steps)
         _positive_number("train.heartbeat_s", self.heartbeat_s)
         if self.checkpoint_every and not self.checkpoint_dir:
-            raise ValueError("train.checkpoint_every needs train.checkpoint_dir (where the checkpoints go)")
+            raise ValueError(f"train.checkpoint_every={self.checkpoint_every} needs train.checkpoint_dir (where the "
+                             "checkpoints go): add --checkpoint-dir DIR, or set train.checkpoint_every=0")
         if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not (
             self.metrics_port == 0 or 1 <= self.metrics_port <= 65535
         ):
@@ -110,7 +111,8 @@ class TrainConfig:
         if self.link:
             LinkSpec.parse(self.link)  # raises ValueError naming the malformed string
         if self.time_budget_s and not self.eval_every:
-            raise ValueError("train.time_budget_s needs train.eval_every > 0: the budget is checked at evaluations")
+            raise ValueError(f"train.time_budget_s={self.time_budget_s:g} needs train.eval_every > 0: the budget is "
+                             "checked at evaluations (or set train.time_budget_s=0)")
 
     @property
     def link_spec(self) -> LinkSpec | None:
@@ -141,7 +143,10 @@ class ExperimentConfig:
             raise ValueError(f"config section [{unknown[0]}] is unknown; sections are [model], [data], [train]")
         model = dict(raw.get("model", {"name": "gpt"}))
         if not isinstance(model.get("name"), str):
-            raise ValueError("config [model] needs a name, e.g. name = \"gpt\"")
+            from .models import MODELS
+
+            raise ValueError(f"config [model] needs a name, one of: {', '.join(MODELS)} (name = \"gpt\" in the file, "
+                             "or --set model.name=gpt)")
         from .models import build_model
 
         build_model(model["name"], {k: v for k, v in model.items() if k != "name"})  # validate now
@@ -159,9 +164,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(f"config file {str(path)!r} does not exist") from None
+            raise ValueError(f"config file {str(path)!r} does not exist; give a TOML file such as "
+                             "configs/gpt-tiny.toml, or leave --config out for the defaults") from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, a binary file
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise ValueError(f"config file {str(path)!r} cannot be read: {reason}; give a TOML file such as "
+                             "configs/gpt-tiny.toml") from None
     return ExperimentConfig.from_dict(apply_overrides(raw, overrides))
 
 

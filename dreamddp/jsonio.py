@@ -32,3 +32,5 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise ValueError(f"{what} file {os.fspath(path)!r} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} file {os.fspath(path)!r} is not valid JSON: {err}") from None
+    except OSError as err:  # a directory, no permission: still one line, never a stack trace
+        raise ValueError(f"{what} file {os.fspath(path)!r} cannot be read: {err.strerror or err}") from None

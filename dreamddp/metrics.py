@@ -66,7 +66,10 @@ class TrainingMetrics:
         try:
             self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as err:
-            raise ValueError(f"train.metrics_port {port} on {addr} cannot be opened: {err.strerror or err}") from None
+            # The port is PORT + LOCAL_RANK, so the hint covers the whole range a node needs.
+            raise ValueError(f"train.metrics_port: port {port} on {addr} cannot be opened ({err.strerror or err}); "
+                             "choose a port that is free on every rank (each uses PORT + LOCAL_RANK), "
+                             "or 0 to turn metrics off") from None
         self.port = port
 
     def observe(self, sample: IterationSample) -> None:

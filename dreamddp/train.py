@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import psutil
@@ -38,6 +38,7 @@ from .config import ExperimentConfig, load_config
 from .data import build_data
 from .failures import FaultPlan, Heartbeat, PeerFailure, Terminated, install_sigterm, is_communication_error
 from .metrics import IterationSample, TrainingMetrics
+from .schedule import Schedule
 from .models import build_model, model_task
 from .trace import IterationMarks, TraceRecorder
 from .units import sync_units
@@ -45,8 +46,19 @@ from .units import sync_units
 __all__ = ["init_process_group", "loss_for_task", "main", "run"]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line like every other bad input, not usage plus error.
+
+    Under torchrun every rank prints its errors; a usage block per rank buries the one line
+    that says what was wrong.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dreamddp train", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="dreamddp train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML config file (configs/*.toml); defaults apply without one")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -80,15 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamddp train: error: {err}", file=sys.stderr)
         return 2
     try:
-        _check_paths(cfg)
         run(cfg)
     except (PeerFailure, Stopped) as err:
         print(f"dreamddp train: error: {err}", file=sys.stderr, flush=True)
         return 143 if isinstance(err, Stopped) else 1
-    except ValueError as err:  # bad input found once the job is up (checkpoint, schedule, port)
+    except ValueError as err:  # bad input found once the job is up (paths, schedule, checkpoint, port)
         print(f"dreamddp train: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+_DEFAULT_NAMES = {"trace": "trace.json", "log": "train.jsonl"}  # suggested when a directory is given
 
 
 def _check_paths(cfg: ExperimentConfig) -> None:
@@ -99,12 +113,41 @@ def _check_paths(cfg: ExperimentConfig) -> None:
         if not value:
             continue
         directory = Path(value) if key == "checkpoint_dir" else Path(value).parent
+        hint = "give a path in a writable directory"
+        if key != "checkpoint_dir" and Path(value).is_dir():
+            raise ValueError(f"train.{key} {value!r} is a directory; give a file path such as "
+                             f"{str(Path(value) / Path(_DEFAULT_NAMES[key]))!r}")
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"train.{key} {value!r} cannot be written: {str(directory)!r} is a file, "
+                             f"not a directory; {hint}")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"train.{key} {value!r} cannot be written: {err.strerror or err}") from None
+            raise ValueError(f"train.{key} {value!r} cannot be written: {err.strerror or err}; {hint}") from None
         if not os.access(directory, os.W_OK):
-            raise ValueError(f"train.{key} {value!r} cannot be written: {str(directory)!r} is not writable")
+            raise ValueError(f"train.{key} {value!r} cannot be written: {str(directory)!r} is not writable; {hint}")
+
+
+def _check_schedule(cfg: ExperimentConfig, model: nn.Module, world: int) -> None:
+    """The schedule file must be readable here and fit this model and world size.
+
+    Checked before the wrapper is built and under ``_agree``: a file that only one node
+    cannot read would otherwise fail that rank alone while the others wait in the wrapper's
+    agreement collective until the process-group timeout.
+    """
+    tc = cfg.train
+    if tc.algorithm != "dreamddp" or not tc.schedule:
+        return
+    schedule = Schedule.from_json(tc.schedule)  # its errors name the file
+    planned_for = schedule.metadata.get("world_size")
+    if isinstance(planned_for, int) and planned_for != world:
+        # Ring all-reduce costs scale with (n-1)/n: a plan for another world size is a plan for another job.
+        raise ValueError(f"schedule file {tc.schedule!r} was planned for world_size {planned_for}, but this job's "
+                         f"world size is {world}: profile and plan again with {world} rank(s)")
+    try:
+        schedule.check_units([u.name for u in sync_units(model)])
+    except ValueError as err:
+        raise ValueError(f"schedule file {tc.schedule!r} does not fit model {cfg.model_name!r}: {err}") from None
 
 
 class Stopped(RuntimeError):
@@ -119,10 +162,12 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     heartbeat = Heartbeat(rank, world, cfg.train.heartbeat_s)
     metrics = None
     try:
+        _agree(lambda: _check_paths(cfg), device)  # one rank's unwritable path stops every rank
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)  # every stream seeded: two runs of one config are the same run
         np.random.seed(cfg.train.seed)
         model = build_model(cfg.model_name, cfg.model_options).to(device)
+        _agree(lambda: _check_schedule(cfg, model, world), device)
         task = model_task(cfg.model_name)
         data = build_data(
             cfg.data.name,

@@ -252,7 +252,11 @@ class Profile:
                 metadata=data.get("metadata", {}),
                 spreads={k: Spread(**v) for k, v in it.get("spreads", {}).items()},
             )
-        except (KeyError, TypeError, AttributeError) as err:
+        except KeyError as err:
+            raise ValueError(f"{source}: malformed profile: missing field {err.args[0]!r} (a profile lists "
+                             "units, each with name, bytes, forward_s and backward_s; `dreamddp profile` writes "
+                             "one)") from None
+        except (TypeError, AttributeError) as err:
             raise ValueError(f"{source}: malformed profile ({type(err).__name__}: {err})") from None
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None

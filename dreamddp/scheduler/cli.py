@@ -17,8 +17,11 @@ overlap) is within 5% of the lower bound (up to H = 64).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from profiler import CommModel, Profile
 
@@ -44,6 +47,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="forward overlap: averages may land up to D iterations late (default 0: off)")
     parser.add_argument("--trace", help="also write the predicted timeline as a Chrome/Perfetto trace")
     return parser.parse_args(argv)
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """An output path must be writable before the work that fills it is done (missing folders are made)."""
+    if not path:
+        return
+    directory = Path(path).parent
+    hint = "give a path in a writable directory"
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{flag} {path!r} cannot be written: {str(directory)!r} is a file, not a directory; {hint}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path!r} cannot be written: {err.strerror or err}; {hint}") from None
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"{flag} {path!r} cannot be written: {str(directory)!r} is not writable; {hint}")
 
 
 def reprice(profile: Profile, link: LinkSpec) -> Profile:
@@ -106,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         profile = Profile.from_json(args.profile)
+        for flag in ("out", "trace"):
+            _check_writable(f"--{flag}", getattr(args, flag))  # before planning, which may take a while
         if args.link:
             profile = reprice(profile, LinkSpec.parse(args.link))
         if args.max_delay < 0:
@@ -122,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--period must be an integer >= 1 or 'auto', got {args.period!r}") from None
         schedule = plan(profile, period, args.method, fill=not args.no_fill, overlap=args.overlap,
                         max_delay=args.max_delay)
+        world = profile.metadata.get("world_size")
+        if isinstance(world, int) and "world_size" not in schedule.metadata:
+            # The trainer refuses a schedule planned for another world size; it can only if this is recorded.
+            schedule = dataclasses.replace(schedule, metadata={**schedule.metadata, "world_size": world})
     except ValueError as err:
         print(f"dreamddp plan: error: {err}", file=sys.stderr)
         return 2
