@@ -92,6 +92,9 @@ class Strategy:
     def after_step(self, step: int) -> CommRecord:
         return CommRecord(wait_s=0.0, bytes_sent=0)
 
+    def flush(self) -> None:
+        """Land communication still in flight before something reads every weight (evaluation)."""
+
     def finish(self) -> None:
         """Make every rank's model equal (not part of the timed iterations)."""
         average_tensors([t for u in sync_units(self.raw_model) for t in u.tensors])
@@ -234,9 +237,13 @@ class PartialLocalSGD(Strategy):
             if cfg.algorithm == "dreamddp":
                 self.note = "no schedule file given: using PLSGD's equal-bytes contiguous groups"
         self.ddp = DreamDDP(model, schedule, bucket_cap_mb=cfg.bucket_cap_mb, link=link,
-                            record_timings=bool(cfg.trace or cfg.metrics_port))
+                            record_timings=bool(cfg.trace or cfg.metrics_port), overlap=cfg.overlap or None)
+        self.ddp.register_optimizer(self.optimizer)  # overlap="forward" holds back steps of units still averaging
         self.model = self.ddp
         self.schedule = schedule
+        if self.ddp.overlap == "forward":
+            self.note = "; ".join(x for x in (self.note, "averages land before each unit's next forward "
+                                              f"(overlap='forward', {len(schedule.delays)} units delayed)") if x)
 
     def after_step(self, step: int) -> CommRecord:
         stats = self.ddp.last_stats
@@ -252,7 +259,11 @@ class PartialLocalSGD(Strategy):
 
     def schedule_record(self) -> dict[str, Any] | None:
         return {"period": self.schedule.period,
-                "assignment": {n: list(its) for n, its in self.schedule.assignment.items()}}
+                "assignment": {n: list(its) for n, its in self.schedule.assignment.items()},
+                "delays": dict(self.schedule.delays), "overlap": self.ddp.overlap}
+
+    def flush(self) -> None:
+        self.ddp.flush(delayed=False)  # a delayed average lands on its own iteration, or the trajectory moves
 
     def finish(self) -> None:
         self.ddp.average_all()

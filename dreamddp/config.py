@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     bucket_cap_mb: float = 25.0
     schedule: str = ""  # schedule JSON for algorithm "dreamddp"; empty = PLSGD's contiguous groups
+    overlap: str = ""  # plsgd/dreamddp: "backward" (the paper), "forward", or "" = what the schedule was planned for
     link: str = ""  # simulated link, e.g. "100mbit,20ms"; empty = the real network as it is
     post_local_warmup: int = 0  # post_local_sgd: S-SGD iterations before local SGD starts
     eval_every: int = 0  # 0 = evaluate at the end only
@@ -87,6 +88,9 @@ class TrainConfig:
             raise ValueError(f"train.optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"train.lr_schedule {self.lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
+        if self.overlap not in ("", "backward", "forward"):
+            raise ValueError(f"train.overlap {self.overlap!r} is unknown; choose backward, forward, or leave it empty "
+                             "for the schedule's")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
         _positive_int("train.steps", self.steps)

@@ -197,7 +197,9 @@ class DreamDDP(nn.Module):
 
         # Across iterations (overlap="forward"): averages still landing, and held-back steps.
         self._pending: list[_InFlight] = []
-        self._deferred = DeferredSteps(self._params_to_defer)
+        # Weakly: the optimizer's hook must not keep the wrapper (and its process group) alive.
+        this = weakref.ref(self)
+        self._deferred = DeferredSteps(lambda: this()._params_to_defer() if this() is not None else set())
         self._stall_s = 0.0
         self._forward_events: list[tuple[str, str, int, int]] = []
         self._forward_hook_handles: list[Any] = []

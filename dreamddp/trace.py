@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -42,6 +42,8 @@ class IterationMarks:
     end: int  # after the strategy's after-step communication
     backward_wait_s: float = 0.0  # the part of backward spent waiting for all-reduces
     after_step_wait_s: float = 0.0  # time the after-step communication blocked
+    # overlap="forward": (kind, units, start_ns, end_ns) waits and held-back steps inside forward
+    forward_events: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 class TraceRecorder:
@@ -83,6 +85,9 @@ class TraceRecorder:
                    step=m.step)
             slice_("wait", 0, us(m.optimizer_end), us(m.end) - us(m.optimizer_end), phase=m.phase, step=m.step,
                    what="after-step communication")
+            for kind, units, start, end in m.forward_events:  # nested inside forward, as the simulator draws them
+                slice_(kind, 0, us(start), us(end) - us(start), phase=m.phase, step=m.step, unit=units,
+                       what="average landing before forward" if kind == "wait" else "held-back step")
             seen = by_iteration.get(m.step)
             if seen is None:
                 continue

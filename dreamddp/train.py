@@ -11,6 +11,7 @@ never changes the training trajectory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -194,6 +195,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
         finally:
             strategy.close()
             del strategy
+            gc.collect()  # anything holding the process group must go before it is destroyed
         dist.barrier()
         return summary if rank == 0 else None
     finally:
@@ -324,11 +326,12 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
                 if comm.wait_s is not None:
                     waits.append(comm.wait_s)
             sent_total += comm.bytes_sent
-            in_backward_wait = ddp.last_stats.wait_s if ddp is not None else 0.0
             if tracer is not None and tracer.wants(step):
+                stats = ddp.last_stats if ddp is not None else None
                 tracer.add(IterationMarks(step, step % max(tc.period, 1), t_start, t_forward, t_backward, t_optimizer,
-                                          t_end, backward_wait_s=in_backward_wait,
-                                          after_step_wait_s=0.0 if ddp is not None else (comm.wait_s or 0.0)))
+                                          t_end, backward_wait_s=stats.backward_wait_s if stats else 0.0,
+                                          after_step_wait_s=0.0 if ddp is not None else (comm.wait_s or 0.0),
+                                          forward_events=list(stats.forward_events) if stats else []))
             if metrics is not None:
                 metrics.observe(IterationSample(
                     iteration=step, iteration_s=elapsed, exposed_comm_s=comm.wait_s,
@@ -344,6 +347,7 @@ def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: t
                 _checkpoint(checkpointer, cfg, strategy, lr_scheduler, step + 1, {"train_time_s": train_time},
                             data, loss_fn, device)
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+                strategy.flush()
                 val = _evaluate_averaged(strategy.raw_model, data, loss_fn, tc.eval_batches, device)
                 log.write({"step": step, "val_loss": val, "time_s": train_time})
                 if tc.time_budget_s and _rank_zero_value(train_time, device) >= tc.time_budget_s:

@@ -38,9 +38,18 @@ from ..runner import TrainRunFailed, torchrun
 __all__ = ["BenchConfig", "Cluster", "main", "run_grid", "run_convergence", "BENCH_ALGORITHMS"]
 
 DEFAULT_LINKS = ("1gbit,5ms", "100mbit,20ms", "20mbit,50ms")
-# "dreamddp" is the planned schedule alone; "+fill" adds syncs in the link's idle time.
-BENCH_ALGORITHMS = (*ALGORITHMS, "dreamddp+fill")
-DEFAULT_ALGORITHMS = ("ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "dreamddp+fill")
+# "dreamddp" is the planned schedule alone (the paper's backward overlap); "+fill" adds syncs in the
+# link's idle time; "-forward" plans and trains with overlap="forward" (averages land before each
+# unit's next forward); "-delayed" also lets units without a window land up to H-1 iterations late.
+PLANNED = {
+    "dreamddp": {"fill": False},
+    "dreamddp+fill": {"fill": True},
+    "dreamddp-forward": {"fill": False, "overlap": "forward"},
+    "dreamddp-delayed": {"fill": False, "overlap": "forward", "max_delay": -1},  # -1: up to H - 1
+}
+BENCH_ALGORITHMS = (*ALGORITHMS, *(name for name in PLANNED if name not in ALGORITHMS))
+DEFAULT_ALGORITHMS = ("ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "dreamddp+fill", "dreamddp-forward",
+                      "dreamddp-delayed")
 RESULTS_FORMAT = "dreamddp.bench/1"
 CONVERGENCE_FORMAT = "dreamddp.convergence/1"
 
@@ -191,7 +200,12 @@ def _plan(profile_path: Path, period: int, folder: Path, tag: str) -> tuple[dict
     from ..scheduler import plan, simulate, simulate_method
 
     profile = Profile.from_json(profile_path)
-    schedules = {"dreamddp": plan(profile, period, fill=False), "dreamddp+fill": plan(profile, period, fill=True)}
+    schedules = {}
+    for name, options in PLANNED.items():
+        options = dict(options)
+        if options.get("max_delay") == -1:
+            options["max_delay"] = max(0, period - 1)
+        schedules[name] = plan(profile, period, **options)
     paths = {}
     for name, schedule in schedules.items():
         paths[name] = folder / f"schedule-{tag}-{name.replace('+', '-')}.json"
