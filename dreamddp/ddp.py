@@ -214,11 +214,7 @@ class DreamDDP(nn.Module):
 
     # ------------------------------------------------------------------ API
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._in_backward:
-            self._abandon_backward()
-        if not self._layout.intact():
-            self.flush()
-            self._lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
+        self.prepare_forward()
         output = self.module(*args, **kwargs)
         if self._pending:
             # Units this forward did not run (or read only outside their modules) are due too.
@@ -226,6 +222,18 @@ class DreamDDP(nn.Module):
         if self._clock is not None and self._sync_enabled:
             self._forward_mark = self._clock.mark()
         return output
+
+    def prepare_forward(self) -> None:
+        """What must happen before each forward; for integrations that call ``self.module`` themselves.
+
+        Drains a backward that raised half-way (so no collective is left dangling) and lays
+        the storage out again if something moved it.
+        """
+        if self._in_backward:
+            self._abandon_backward()
+        if not self._layout.intact():
+            self.flush()
+            self._lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
 
     def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Let ``overlap="forward"`` hold back this optimizer's step for units still averaging.

@@ -208,10 +208,9 @@ class _EngineAdapter:
     Everything it replaces is an attribute of this one engine instance (DeepSpeed's class is
     untouched): the gradient all-reduce switch, fp32 clipping, and checkpoint save/load.
 
-    The engine calls ``engine.module`` itself, never ``DreamDDP.forward``, so what that forward
-    does before the model runs does not happen here: storage moved after ``wrap``
-    (``engine.module.to(...)``) is not laid out again, and a backward that raised half-way is
-    not drained before the next one. Move the model before ``deepspeed.initialize``.
+    The engine calls ``engine.module`` itself, never ``DreamDDP.forward``, so a forward pre-hook
+    on the module runs ``DreamDDP.prepare_forward()`` instead: a backward that raised half-way
+    is drained, and storage moved after ``wrap`` is laid out again.
     """
 
     def __init__(self, engine: DeepSpeedEngine, ddp: DreamDDP) -> None:
@@ -238,6 +237,7 @@ class _EngineAdapter:
         moves in ``step()``), and DreamDDP reads its switch when gradients become ready, so the
         decision is made here and holds through the backward that follows.
         """
+        self.ddp.prepare_forward()  # drain a backward that raised, re-lay out moved storage
         engine = self.engine
         sync = engine.is_gradient_accumulation_boundary() and not getattr(engine, "inside_no_sync_ctxt", False)
         if sync and self._paused is not None:
