@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	@# The emulated cluster (dreamddp cluster, the benchmarks) needs iproute2; install it when we can.
 	@if ! command -v tc >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -qq iproute2 >/dev/null || echo "note: could not install iproute2; the cluster tests will skip"; fi
+	@# shellcheck lints the launch scripts (tests/test_launch.py); best effort, the test skips without it.
+	@if ! command -v shellcheck >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq shellcheck >/dev/null 2>&1 || echo "note: could not install shellcheck; its test will skip"; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev,deepspeed]'

@@ -131,7 +131,9 @@ def test_sbatch_dry_run_defaults_and_network_env() -> None:
     if shutil.which("scontrol") is not None:
         pytest.skip("a real scontrol is on PATH; this test checks the script's fallback without it")
     exports, argv = _dry_run(env)
-    assert set(exports) == {"export NCCL_SOCKET_IFNAME=wan0", "export GLOO_SOCKET_IFNAME=wan0", "export NCCL_IB_DISABLE=1"}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: a restarted gloo job must not reuse the previous attempt's store.
+    assert set(exports) == {"export NCCL_SOCKET_IFNAME=wan0", "export GLOO_SOCKET_IFNAME=wan0", "export NCCL_IB_DISABLE=1",
+                            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"}
     opts, trainer = _split_torchrun(_torchrun_part(argv))
     assert (opts.nnodes, opts.nproc_per_node, opts.rdzv_endpoint) == ("2", "8", "siteA-n1:29400")
     assert opts.max_restarts == 3
