@@ -251,7 +251,9 @@ class DreamDDP(nn.Module):
 
         Needed before anything reads all the weights (evaluation, checkpoints, ``average_all``);
         changes nothing in the arithmetic of undelayed units. ``delayed=False`` leaves delayed
-        averages in flight (their correction time is part of the trajectory).
+        averages in flight until they are due (their correction time is part of the
+        trajectory); those due at the next forward land now, as they would there — so a
+        forward that is not training's (evaluation) never lands one onto weights it restores.
         """
         if self._in_backward:
             raise RuntimeError("flush() cannot be called during backward")
@@ -620,14 +622,14 @@ class DreamDDP(nn.Module):
     def _land(self, *, due_only: bool, units: frozenset[int] | None = None, delayed: bool = True) -> None:
         """Land pending averages: units due now (or all), touching ``units`` if given.
 
-        ``delayed=False`` lands undelayed units only (their landing time does not change the
-        arithmetic; a delayed unit's does).
+        ``delayed=False`` lands undelayed units, and delayed ones only once due (an undelayed
+        unit's landing time does not change the arithmetic; a delayed unit's does).
         """
         keep = []
         for inflight in self._pending:
             chosen = [u for u in inflight.left()
                       if (units is None or u in units)
-                      and (delayed or not inflight.delays[u])
+                      and (delayed or not inflight.delays[u] or inflight.due(u) <= self._iteration)
                       and (not due_only or inflight.due(u) <= self._iteration)]
             if chosen and not inflight.delayed:
                 chosen = inflight.left()  # reduced in place: the whole bucket lands at once

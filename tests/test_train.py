@@ -97,3 +97,34 @@ def test_bad_config_is_one_line_error_before_any_process_group(override, message
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"dreamddp train: error: {proc.stderr.split('error: ', 1)[1].strip()}"]
     assert message in proc.stderr
+
+
+def test_evaluation_leaves_a_delayed_forward_overlap_run_unchanged(tmp_path):
+    """Mid-run evaluation must not land (and then lose) a delayed average's correction.
+
+    Delayed units launched at iteration 1 (not 0: the ranks still agree then, and the
+    correction is zero) are due at the forward of iteration 4; evaluating after iteration 3
+    runs a forward in between. Every loss must be that of the same run
+    without evaluation (and the trainer must run overlap='forward').
+    """
+    from dreamddp import Schedule, sync_units
+    from dreamddp.config import load_config
+    from dreamddp.models import build_model
+
+    cfg = load_config(REPO / "configs" / "gpt-tiny.toml", TINY_GPT)
+    names = [u.name for u in sync_units(build_model(cfg.model_name, cfg.model_options))]
+    assignment = {name: [i % 4] for i, name in enumerate(names)}
+    delays = {name: 2 for name, phases in assignment.items() if phases == [1]}
+    path = tmp_path / "delayed.json"
+    Schedule(period=4, assignment=assignment, delays=delays, overlap="forward").to_json(path)
+    runs = {}
+    for eval_every in (0, 4):
+        run_dir = tmp_path / f"eval{eval_every}"
+        run_dir.mkdir()
+        summary = torchrun(run_dir, "gpt-tiny.toml", TINY_GPT + [
+            "train.algorithm=dreamddp", f"train.schedule={path}", f"train.eval_every={eval_every}",
+            "train.link=20mbit,2ms"])
+        assert "overlap='forward', %d units delayed" % len(delays) in summary["note"]
+        runs[eval_every] = [r["loss"] for r in summary["records"] if "loss" in r]
+        assert any("val_loss" in r for r in summary["records"]) == bool(eval_every)
+    assert runs[0] == runs[4]
