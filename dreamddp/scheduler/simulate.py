@@ -31,9 +31,11 @@ also hides behind the optimizer step and the next forward:
   buckets queue behind it;
 * a unit with delay d >= 1 launched in iteration t is not deferred (it steps locally at once;
   the wrapper corrects it when the average lands) and is waited for only before its forward
-  in iteration t + 1 + d. Its parameters' snapshot is counted from its gradients being
-  ready until that wait (the wrapper's last chance to apply the correction) — an upper bound
-  on how long the copy lives; the most bytes held at once is ``peak_snapshot_bytes``.
+  in iteration t + 1 + d. A bucket holding a delayed unit is reduced from a copy while the
+  live weights train on, so the wrapper holds two copies of the whole bucket (the snapshot
+  and the reduction buffer), counted here from the bucket's launch until its last unit's
+  wait (the wrapper's last chance to apply the correction) — an upper bound on how long the
+  copies live; the most bytes held at once is ``peak_snapshot_bytes``.
   Buckets are formed as in the other mode, whatever their units' delays.
 
 So comm spills across iterations and periods: periods are simulated back to back, from an
@@ -300,7 +302,16 @@ class _Pending:
     end: float  # when its bucket finishes, relative to the current period's start
     need: int  # the iteration (counted from the current period's first) whose forward waits for it
     deferred: bool  # its optimizer step waits for the average
-    snapshot_from: float | None  # delayed units: absolute time its snapshot was taken
+    snapshot: _Copies | None  # its bucket's copies, if the bucket holds a delayed unit
+
+
+@dataclass
+class _Copies:
+    """A delayed bucket's snapshot and reduction buffer: 2 x its bytes until its last unit lands."""
+
+    taken: float  # absolute time of the bucket's launch
+    nbytes: int
+    left: int  # units not landed yet
 
 
 @dataclass(frozen=True)
@@ -346,6 +357,12 @@ class ForwardEngine:
         scale = profile.forward_s + model.end + profile.optimizer_s + sum(u.comm_s for u in profile.units)
         self.tol = 1e-9 * max(scale, 1e-9)
 
+    def _copies(self, members: Sequence[int], delays: Sequence[int], taken: float) -> _Copies | None:
+        """The copies a bucket launched at ``taken`` holds, if any of its units is delayed."""
+        if not any(delays[u] for u in members):
+            return None
+        return _Copies(taken, 2 * sum(self.nbytes[u] for u in members), len(members))
+
     def run(self, phases: Sequence[Sequence[Message]], delays: Sequence[int], detail: bool = False) -> ForwardRun:
         """The steady state of ``phases`` (per iteration of the period, its all-reduces in launch
         order) with per-unit ``delays`` (each shorter than the gap to the unit's next average)."""
@@ -377,8 +394,10 @@ class ForwardEngine:
                     at = start + self.before[u] + shift
                     stall = entry.end - at if entry.end > at else 0.0
                     step = self.opt[u] if entry.deferred else 0.0
-                    if entry.snapshot_from is not None:
-                        snapshots.append((entry.snapshot_from, base + at + stall, self.nbytes[u]))
+                    if entry.snapshot is not None:
+                        entry.snapshot.left -= 1
+                        if not entry.snapshot.left:
+                            snapshots.append((entry.snapshot.taken, base + at + stall, entry.snapshot.nbytes))
                     if detail and (stall > 0.0 or step > 0.0):
                         if at > segment:
                             spans.append(ComputeSpan("forward", segment - start, at - segment))
@@ -401,14 +420,14 @@ class ForwardEngine:
                     begin = max(backward + offset - self.shift, free)
                     free = begin + duration
                     busy += duration
+                    copies = self._copies(members, delays, base + backward + max(self.ready[u] for u in members))
                     for u in members:
                         d = delays[u]
                         overrun[u] = max(overrun.get(u, -math.inf), free - backward_end)
                         late = d == 0 and free > backward_end
                         if late:
                             deferred += self.opt[u]
-                        snap = base + backward + self.ready[u] if d else None
-                        pending[u] = _Pending(free, h + 1 + d, late, snap)
+                        pending[u] = _Pending(free, h + 1 + d, late, copies)
                         due.setdefault(h + 1 + d, []).append(u)
                     if detail:
                         events.append(CommEvent("+".join(self.names[u] for u in members), begin - backward, free - backward))
@@ -417,8 +436,9 @@ class ForwardEngine:
                     begin = max(now, free)
                     free = begin + duration
                     busy += duration
+                    copies = self._copies(members, delays, base + now)
                     for u in members:
-                        pending[u] = _Pending(free, h + 1 + delays[u], False, None)
+                        pending[u] = _Pending(free, h + 1 + delays[u], False, copies)
                         due.setdefault(h + 1 + delays[u], []).append(u)
                     if detail:
                         events.append(CommEvent("+".join(self.names[u] for u in members), begin - backward, free - backward))
@@ -463,7 +483,8 @@ class ForwardEngine:
         if not detail:
             return ForwardRun(period_s, count, cycle_from, steady, overrun=overrun)
         window = (starts[cycle_from], base)
-        snapshots += [(e.snapshot_from, math.inf, self.nbytes[u]) for u, e in pending.items() if e.snapshot_from is not None]
+        in_flight = {id(e.snapshot): e.snapshot for e in pending.values() if e.snapshot is not None}
+        snapshots += [(c.taken, math.inf, c.nbytes) for c in in_flight.values()]
         iterations = tuple(it for its in records[cycle_from:] for it in its)
         return ForwardRun(period_s, count, cycle_from, steady, iterations, _peak(snapshots, *window), overrun)
 
