@@ -347,7 +347,7 @@ class DreamDDP(nn.Module):
                 self._lay_out()
             self._order_rebuilt = True
         self._iteration = state["iteration"]
-        self._pending = []
+        self._discard_pending()
         for d in state.get("delayed", []):
             plan = _Bucket(frozenset(d["units"]), d["key"], d["start"], d["end"])
             device = self._layout.flats[plan.key].device
@@ -667,6 +667,15 @@ class DreamDDP(nn.Module):
         inflight.landed.update(unit_ids)
         if self._deferred.pending:
             self._deferred.apply(p for i in unit_ids for p in self.units[i].params)
+
+    def _discard_pending(self) -> None:
+        """Drop what is in flight (a checkpoint is replacing the state): finish every collective
+        on the wire first, so none is left dangling or writing into weights being loaded."""
+        for inflight in self._pending:
+            if inflight.average is not None:
+                self._wait(inflight)
+        self._pending = []
+        self._deferred.discard()
 
     def _params_to_defer(self) -> set[nn.Parameter]:
         """Asked by the optimizer's step pre-hook: parameters whose average has not landed.

@@ -76,12 +76,24 @@ class DeferredSteps:
             handle.remove()
         self._handles, self._optimizers = [], []
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
+    def discard(self) -> None:
+        """Forget the held-back steps (the state they belong to is being replaced)."""
+        self._stash.clear()
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         if self._applying:
             return
         defer = self._to_defer()
         if not defer:
             return
+        args = args[1:]  # the first is the optimizer itself
+        if args or kwargs:
+            # A closure re-runs forward and backward inside step(); GradScaler passes a fused
+            # optimizer grad_scale/found_inf for this step only. Neither can be replayed later.
+            given = ", ".join([*(type(a).__name__ for a in args), *kwargs])
+            raise RuntimeError(f"DreamDDP(overlap='forward') cannot hold back a step called with arguments ({given}): "
+                               "call optimizer.step() without a closure, unscale gradients first "
+                               "(scaler.unscale_(optimizer)) with a non-fused optimizer, or use overlap='backward'")
         for index, group in enumerate(optimizer.param_groups):
             hparams = None
             for p in group["params"]:
