@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from .jsonio import read_json, write_json_atomic
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "Checkpointer", "capture_rng", "restore_rng", "unit_signatures"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "Checkpointer", "capture_rng", "restore_rng", "save_atomic",
+           "unit_signatures"]
 
 CHECKPOINT_FORMAT = "dreamddp.checkpoint/1"
 _LATEST = "latest"
@@ -60,7 +61,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, fsync, rename, fsync the directory: a crash leaves
+    the old file or the new one, never half of one."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -129,16 +132,22 @@ class Checkpointer:
         return cls(Path(directory), dist.get_rank(), dist.get_world_size(), keep)
 
     # ------------------------------------------------------------------- write
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
+             shared: dict[str, Any] | None = None) -> Path:
         """Collective: every rank writes its part; returns the committed directory.
 
-        ``state`` is this rank's; ``meta`` (JSON-able, rank 0's is written) describes the run.
+        ``state`` is this rank's; ``meta`` (JSON-able, rank 0's is written) describes the run;
+        ``shared`` maps file names to objects rank 0 writes beside the rank files (the
+        averaged model), before the commit mark like everything else.
         """
         target = self.directory / _step_dir_name(step)
         target.mkdir(parents=True, exist_ok=True)
         payload = {"format": CHECKPOINT_FORMAT, "step": step, "rank": self.rank,
                    "world_size": self.world_size, **state}
-        _save_atomic(payload, target / _rank_file_name(self.rank))
+        save_atomic(payload, target / _rank_file_name(self.rank))
+        if self.rank == 0:
+            for name, obj in (shared or {}).items():
+                save_atomic(obj, target / name)
         dist.barrier()  # every rank's file is durable before the commit mark exists
         if self.rank == 0:
             write_json_atomic(target / _META, {"format": CHECKPOINT_FORMAT, "step": step,

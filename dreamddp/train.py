@@ -264,11 +264,9 @@ def _checkpoint(checkpointer: Checkpointer, cfg: ExperimentConfig, strategy: Str
         "units": unit_signatures(sync_units(strategy.raw_model)),
         "schedule": strategy.schedule_record(),
     }
-    target = checkpointer.save(step, state, meta={"algorithm": tc.algorithm, "config": cfg.to_dict()})
-    if tc.checkpoint_average:
-        averaged = _averaged_state(strategy.raw_model)
-        if dist.get_rank() == 0:
-            torch.save(averaged, target / "averaged.pt")
+    # The averaged model (for export) is written with the rest, before the commit mark.
+    shared = {"averaged.pt": _averaged_state(strategy.raw_model)} if tc.checkpoint_average else None
+    checkpointer.save(step, state, meta={"algorithm": tc.algorithm, "config": cfg.to_dict()}, shared=shared)
 
 
 def _train(cfg: ExperimentConfig, strategy: Strategy, data, task: str, device: torch.device, link,
