@@ -114,7 +114,10 @@ class Heartbeat:
         try:
             base = dist.distributed_c10d._get_default_store()
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            self._store = dist.PrefixStore(f"dreamddp/heartbeat/{attempt}", base)
+            # A clone: a connection of its own, so the short timeout below does not become the
+            # job's store timeout (set_timeout passes through a PrefixStore), and the heartbeat
+            # thread does not share a client with the main thread.
+            self._store = dist.PrefixStore(f"dreamddp/heartbeat/{attempt}", base.clone())
             self._store.set_timeout(timedelta(seconds=max(5.0, 3 * interval_s)))
         except Exception:  # noqa: BLE001 - no store: run without diagnosis rather than fail
             self._store = None

@@ -63,6 +63,9 @@ class TrainingMetrics:
         self._rss = Gauge("dreamddp_rss_bytes", "Resident memory of this process", labels, registry=reg)
         self._label = str(rank)
         self._process = psutil.Process()
+        if not 0 < port <= 65535:
+            raise ValueError(f"train.metrics_port: this rank's port {port} (PORT + LOCAL_RANK) is not a TCP port; choose "
+                             "PORT so that PORT + procs per node - 1 <= 65535, or 0 to turn metrics off")
         try:
             self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as err:

@@ -78,3 +78,23 @@ def _state(pid: int) -> str:
     except FileNotFoundError:
         return "gone"
     return text.rsplit(")", 1)[1].split()[0]
+
+
+def test_heartbeat_leaves_the_jobs_store_timeout_alone():
+    """The heartbeat's short store timeout is its own: the job's store keeps train.timeout_s."""
+    code = """
+import datetime, torch.distributed as dist
+from dreamddp.failures import Heartbeat
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1,
+                        timeout=datetime.timedelta(seconds=77))
+beat = Heartbeat(0, 1)
+assert beat._store is not None, "no heartbeat store"
+print(dist.distributed_c10d._get_default_store().timeout.total_seconds(), beat._store.timeout.total_seconds())
+beat.close()
+dist.destroy_process_group()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job, heartbeat = map(float, proc.stdout.split())
+    assert job == 77.0 and heartbeat == 5.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +51,25 @@ def _start(tmp: Path, overrides: list[str]) -> subprocess.Popen:
     for item in TINY + overrides:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
+    # Output to files (a pipe nobody reads while we scrape could fill and block the trainer), in a
+    # session of its own so that cleanup reaches torchrun's workers too.
+    with open(tmp / "stdout.txt", "w") as out, open(tmp / "stderr.txt", "w") as err:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=tmp, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, tmp: Path, timeout: float) -> str:
+    """Wait for the run; its stderr. A run still going at the end is killed with its workers."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        _kill(proc)
+    return (tmp / "stderr.txt").read_text()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _scrape(port: int) -> dict[str, dict]:
@@ -98,12 +117,10 @@ def test_metrics_endpoint_is_scraped_during_a_run(tmp_path):
                      for c in child.net_connections(kind="tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port in (port, port + 1)]
         assert {c.laddr.ip for c in listeners} == {"127.0.0.1"}, listeners
-        _, err = proc.communicate(timeout=120)
+        err = _finish(proc, tmp_path, timeout=120)
         assert proc.returncode == 0, err[-2000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
 
 
 @pytest.mark.timeout(180)
@@ -111,7 +128,7 @@ def test_trace_shows_each_ranks_compute_and_bucket_lanes(tmp_path):
     trace_path = tmp_path / "trace.json"
     proc = _start(tmp_path, ["train.algorithm=\"dreamddp\"", "train.steps=8", "train.link=\"100mbit,2ms\"",
                              f"train.trace={json.dumps(str(trace_path))}", "train.trace_steps=4"])
-    _, err = proc.communicate(timeout=150)
+    err = _finish(proc, tmp_path, timeout=150)
     assert proc.returncode == 0, err[-2000:]
     trace = json.loads(trace_path.read_text())
     assert trace["metadata"]["source"] == "measured" and trace["metadata"]["method"] == "dreamddp"
