@@ -33,7 +33,7 @@ SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + [SBATCH]
 # Knobs of the sbatch script: cleared so the caller's environment cannot change what is tested.
 _SBATCH_KNOBS = ("NPROC_PER_NODE", "CONFIG", "MAX_RESTARTS", "RDZV_PORT", "RDZV_HOST", "RDZV_JOIN_TIMEOUT",
                  "PYTHON", "DRY_RUN", "WAN_IFNAME", "DREAMDDP_ROOT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
-                 "NCCL_IB_DISABLE", "NCCL_SOCKET_NTHREADS", "NCCL_NSOCKS_PERTHREAD")
+                 "NCCL_IB_DISABLE", "NCCL_SOCKET_NTHREADS", "NCCL_NSOCKS_PERTHREAD", "CHECKPOINT_DIR", "CHECKPOINT_EVERY")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,14 +120,17 @@ def test_sbatch_dry_run_builds_the_torchrun_command() -> None:
     assert opts.rdzv_id == "4242"
     assert opts.max_restarts == 5
     assert "join_timeout=" in opts.rdzv_conf
-    assert trainer == ["--config", "configs/gpt-tiny.toml", "--set", "train.steps=3", "--set", "train.link=100mbit, 20ms"]
+    ckpt = str(REPO / "checkpoints" / "dreamddp-4242")  # default: under the checkout, per job
+    assert trainer == ["--config", "configs/gpt-tiny.toml", "--checkpoint-dir", ckpt, "--checkpoint-every", "200",
+                       "--set", "train.steps=3", "--set", "train.link=100mbit, 20ms"]
     _check_trainer_args(trainer)
 
 
 def test_sbatch_dry_run_defaults_and_network_env() -> None:
     """Defaults: procs follow SLURM_GPUS_ON_NODE, port 29400; WAN_IFNAME sets both socket interfaces."""
     env = _sbatch_env(**_fake_slurm(nodelist="siteA-n1,siteB-n1", nnodes="2", job_id="9"),
-                      SLURM_GPUS_ON_NODE="8", WAN_IFNAME="wan0", NCCL_IB_DISABLE="1", CONFIG="configs/llama-tiny.toml")
+                      SLURM_GPUS_ON_NODE="8", WAN_IFNAME="wan0", NCCL_IB_DISABLE="1", CONFIG="configs/llama-tiny.toml",
+                      CHECKPOINT_DIR="")
     if shutil.which("scontrol") is not None:
         pytest.skip("a real scontrol is on PATH; this test checks the script's fallback without it")
     exports, argv = _dry_run(env)
@@ -137,7 +140,7 @@ def test_sbatch_dry_run_defaults_and_network_env() -> None:
     opts, trainer = _split_torchrun(_torchrun_part(argv))
     assert (opts.nnodes, opts.nproc_per_node, opts.rdzv_endpoint) == ("2", "8", "siteA-n1:29400")
     assert opts.max_restarts == 3
-    assert trainer == ["--config", "configs/llama-tiny.toml"]
+    assert trainer == ["--config", "configs/llama-tiny.toml"]  # CHECKPOINT_DIR="" below: no checkpoints
     _check_trainer_args(trainer)
 
 
@@ -206,7 +209,8 @@ def test_pytorchjob_is_an_elastic_kubeflow_job() -> None:
     policy = spec["elasticPolicy"]
     assert policy["rdzvBackend"] == "c10d"
     assert isinstance(policy["minReplicas"], int) and isinstance(policy["maxReplicas"], int)
-    assert 1 <= policy["minReplicas"] <= policy["maxReplicas"]
+    # Fixed size: per-rank local-SGD state cannot be re-split, so a resized job could not resume.
+    assert 1 <= policy["minReplicas"] == policy["maxReplicas"]
     assert isinstance(policy["maxRestarts"], int) and policy["maxRestarts"] >= 1
     assert "nProcPerNode" not in policy, "deprecated; the operator rejects it next to spec.nprocPerNode"
     assert isinstance(spec["nprocPerNode"], str)  # the CRD's field is a string ("2", "gpu", ...)
@@ -224,6 +228,9 @@ def test_pytorchjob_worker_runs_the_trainer_under_torchrun() -> None:
     rest = argv[1:] if argv[0] == "torchrun" else argv[3:]
     _, trainer = _split_torchrun(rest)
     _check_trainer_args(trainer)
+    # Restarts resume: checkpoints go to the mounted claim.
+    ckpt = trainer[trainer.index("--checkpoint-dir") + 1]
+    assert any(ckpt.startswith(m["mountPath"] + "/") for m in container["volumeMounts"]), ckpt
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     policy = _job()["spec"]["elasticPolicy"]
     assert "rdzvPort" in policy or "pytorchjob-port" in ports, "the operator needs a port for PET_RDZV_ENDPOINT"
