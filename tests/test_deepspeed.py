@@ -365,9 +365,20 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
     counter = engine.dreamddp.iteration
     _train(engine, rank, range(SAVED_AT, SAVED_AT + MORE))
     client = {k: v for k, v in client.items() if isinstance(v, (int, str))}  # DeepSpeed adds its own metadata
-    return {"ranks_differed_at_save": _max_diff(others[0], others[1]), "path": path, "client": client,
-            "counter": counter, "diff": _max_diff(uninterrupted, _state(engine.module)),
-            "files": sorted(os.listdir(os.path.join(ckpt, "mid")))}
+    files = sorted(os.listdir(os.path.join(ckpt, "mid")))
+    diff = _max_diff(uninterrupted, _state(engine.module))
+    # A rank whose own state file is gone: every rank refuses in one line (none is left waiting).
+    dist.barrier()
+    if rank == 1:
+        os.remove(os.path.join(ckpt, "mid", "dreamddp-rank-00001.pt"))
+    dist.barrier()
+    try:
+        engine.load_checkpoint(ckpt, tag="mid")
+        missing = ""
+    except ValueError as err:
+        missing = str(err)
+    return {"missing": missing, "ranks_differed_at_save": _max_diff(others[0], others[1]), "path": path, "client": client,
+            "counter": counter, "diff": diff, "files": files}
 
 
 def test_checkpoint_resumes_mid_period_with_every_ranks_local_state(tmp_path):
@@ -379,6 +390,7 @@ def test_checkpoint_resumes_mid_period_with_every_ranks_local_state(tmp_path):
         assert r["counter"] == SAVED_AT
         assert r["diff"] == 0.0, r["diff"]  # bit for bit the run that was never interrupted
         assert {"dreamddp-rank-00000.pt", "dreamddp-rank-00001.pt"} <= set(r["files"]), r["files"]
+        assert "has no DreamDDP state for rank(s) 1 (dreamddp-rank-00001.pt)" in r["missing"], r["missing"]
 
 
 # ---------------------------------------------------------------------------- launch example

@@ -48,6 +48,7 @@ except ImportError as err:  # pragma: no cover - exercised only where deepspeed 
         f"dreamddp.integrations.deepspeed needs DeepSpeed ({err}); install it with: pip install 'dreamddp[deepspeed]'"
     ) from err
 
+from ..checkpoint import save_atomic
 from ..comm import SimulatedLink, link_from_settings
 from ..ddp import DreamDDP
 from ..schedule import Schedule
@@ -59,7 +60,6 @@ CONFIG_SECTION = "dreamddp"  # the DeepSpeed config section ``initialize`` reads
 CLIENT_STATE_KEY = "dreamddp"  # where the iteration counter rides in DeepSpeed's client state
 _SECTION_KEYS = ("period", "schedule", "bucket_cap_mb", "link", "broadcast_from_rank0")
 _LOCAL_STATE_FORMAT = "dreamddp.deepspeed-rank/1"
-_LOCAL_STATE_GLOB = "dreamddp-rank-*.pt"  # one file per data-parallel rank, beside DeepSpeed's
 # Optimizers that synchronise on their own inside step() (compressed momentum all-reduce):
 # they are a replacement for gradient averaging, not a local optimizer.
 _SELF_SYNCING_OPTIMIZERS = ("OnebitAdam", "ZeroOneAdam", "OnebitLamb")
@@ -281,7 +281,7 @@ class _EngineAdapter:
         }
         tag_dir = Path(save_dir) / str(tag)
         tag_dir.mkdir(parents=True, exist_ok=True)
-        _save_atomic(local, tag_dir / _local_state_name(rank))
+        save_atomic(local, tag_dir / _local_state_name(rank))
         dist.barrier(group=self.group)
         return self._save(save_dir, tag, client_state=state, **kwargs)
 
@@ -306,16 +306,9 @@ class _EngineAdapter:
         if load_module_only:
             return path, client
         tag_dir = Path(load_dir) / str(tag if tag is not None else (Path(load_dir) / "latest").read_text().strip())
-        world = dist.get_world_size(self.group)
-        saved = sorted(tag_dir.glob(_LOCAL_STATE_GLOB))
-        if saved:
-            if len(saved) != world:
-                raise ValueError(
-                    f"checkpoint {tag_dir} holds the local states of {len(saved)} ranks, this run has {world}; "
-                    "load it with load_module_only=True to start every rank from rank 0's weights"
-                )
-            self._load_local_state(tag_dir / _local_state_name(dist.get_rank(self.group)), load_module_strict,
-                                   load_optimizer_states)
+        local = self._agreed_local_state(tag_dir)
+        if local is not None:
+            self._load_local_state(local, load_module_strict, load_optimizer_states)
         elif counter is not None:
             self.ddp.set_extra_state(counter)
             warnings.warn(
@@ -324,10 +317,39 @@ class _EngineAdapter:
             )
         return path, client
 
-    def _load_local_state(self, path: Path, strict: bool, load_optimizer: bool) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != _LOCAL_STATE_FORMAT:
-            raise ValueError(f"{path}: not a DreamDDP rank state (format {state.get('format')!r})")
+    def _agreed_local_state(self, tag_dir: Path) -> dict[str, Any] | None:
+        """This rank's own state file, read and checked; the same answer (or error) on every rank.
+
+        Each rank looks only for its own file, so node-local checkpoint storage works (each
+        node sees its own ranks' files). Whether to use them is decided together: a rank that
+        raised alone would leave the others waiting in their first collective.
+        """
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        path = tag_dir / _local_state_name(rank)
+        state, problem = None, None
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or state.get("format") != _LOCAL_STATE_FORMAT:
+                    problem = f"{path} is not a DreamDDP rank state"
+                elif state.get("world_size") != world:
+                    problem = (f"checkpoint {tag_dir} was written by {state.get('world_size')} ranks, this run has "
+                               f"{world}; load it with load_module_only=True to start every rank from rank 0's weights")
+            except (OSError, RuntimeError, ValueError, EOFError) as err:
+                problem = f"{path} cannot be read ({err})"
+        found: list[Any] = [None] * world
+        dist.all_gather_object(found, (state is not None, problem), group=self.group)
+        for other, (_, theirs) in enumerate(found):
+            if theirs is not None:
+                raise ValueError(theirs if other == rank else f"rank {other}: {theirs}")
+        missing = [r for r, (has, _) in enumerate(found) if not has]
+        if missing and len(missing) < world:
+            raise ValueError(f"checkpoint {tag_dir} has no DreamDDP state for rank(s) "
+                             f"{', '.join(map(str, missing))} ({_local_state_name(missing[0])}): every rank's local "
+                             "state is needed; load it with load_module_only=True to start from rank 0's weights")
+        return state
+
+    def _load_local_state(self, state: dict[str, Any], strict: bool, load_optimizer: bool) -> None:
         self.ddp.set_extra_state(state["dreamddp"])  # may re-lay the storage out: load the weights after it
         self.engine.module.load_state_dict(state["module"], strict=strict)
         if load_optimizer:
@@ -423,12 +445,3 @@ def _is_pipeline(engine: DeepSpeedEngine) -> bool:
         return False
     return isinstance(engine, PipelineEngine)
 
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary name and rename, so a crash leaves the old file or the new one."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
