@@ -291,9 +291,10 @@ def _model_section(model: dict) -> list[str]:
         at_n = _loss_at_step(run, steps) if run["algorithm"] in FORWARD_VARIANTS else None
         if at_n and paper_at_n and at_n["step"] == paper_at_n["step"]:
             gap = _ratio(at_n["val_loss"] - paper_at_n["val_loss"], paper_at_n["val_loss"])
-            met = "met" if gap is not None and abs(gap) <= 0.02 else "missed"
+            # The target bounds the cost of moving the averages later: a lower loss meets it too.
+            met = "met" if gap is not None and gap <= 0.02 else "missed"
             notes.append(f"- {run['algorithm']}: validation loss at iteration {at_n['step']} is {_percent(gap)} "
-                         f"from the paper-mode dreamddp's (target: within 2%, {met})")
+                         f"from the paper-mode dreamddp's (target: at most 2% above it, {met})")
     return [title, "", *_table(CONVERGENCE_HEADER, rows), "", *(notes + [""] if notes else [])]
 
 
