@@ -39,6 +39,7 @@ from .config import ExperimentConfig, load_config
 from .data import build_data
 from .failures import FaultPlan, Heartbeat, PeerFailure, Terminated, install_sigterm, is_communication_error
 from .metrics import IterationSample, TrainingMetrics
+from .outputs import check_writable
 from .schedule import Schedule
 from .models import build_model, model_task
 from .trace import IterationMarks, TraceRecorder
@@ -113,20 +114,10 @@ def _check_paths(cfg: ExperimentConfig) -> None:
         value = getattr(tc, key)
         if not value:
             continue
-        directory = Path(value) if key == "checkpoint_dir" else Path(value).parent
-        hint = "give a path in a writable directory"
         if key != "checkpoint_dir" and Path(value).is_dir():
             raise ValueError(f"train.{key} {value!r} is a directory; give a file path such as "
                              f"{str(Path(value) / Path(_DEFAULT_NAMES[key]))!r}")
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"train.{key} {value!r} cannot be written: {str(directory)!r} is a file, "
-                             f"not a directory; {hint}")
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"train.{key} {value!r} cannot be written: {err.strerror or err}; {hint}") from None
-        if not os.access(directory, os.W_OK):
-            raise ValueError(f"train.{key} {value!r} cannot be written: {str(directory)!r} is not writable; {hint}")
+        check_writable(f"train.{key}", value, Path(value) if key == "checkpoint_dir" else None)
 
 
 def _check_schedule(cfg: ExperimentConfig, model: nn.Module, world: int) -> None:

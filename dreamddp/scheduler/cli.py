@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from profiler import CommModel, Profile
 
 from ..comm import LinkSpec
+from ..outputs import check_writable
 from . import fill_in, plan, simulate, simulate_method
 
 __all__ = ["main", "predictions", "reprice"]
@@ -51,18 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _check_writable(flag: str, path: str | None) -> None:
     """An output path must be writable before the work that fills it is done (missing folders are made)."""
-    if not path:
-        return
-    directory = Path(path).parent
-    hint = "give a path in a writable directory"
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{flag} {path!r} cannot be written: {str(directory)!r} is a file, not a directory; {hint}")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{flag} {path!r} cannot be written: {err.strerror or err}; {hint}") from None
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"{flag} {path!r} cannot be written: {str(directory)!r} is not writable; {hint}")
+    if path:
+        check_writable(flag, path)
 
 
 def reprice(profile: Profile, link: LinkSpec) -> Profile:
