@@ -57,8 +57,8 @@ EXACT_FORWARD_EVALS = 2048  # exhaustive forward search up to this many simulati
 _EPS = 1e-12
 
 
-class _Instance:
-    """The numbers every search needs, in backward order."""
+class _Problem:
+    """A profile and a period, validated, with the cost model both overlap modes price with."""
 
     def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
@@ -68,6 +68,13 @@ class _Instance:
         self.names = profile.names
         self.n = len(self.names)
         self.model = CostModel(profile, bucket_cap_mb)
+
+
+class _Instance(_Problem):
+    """The numbers every search of the paper's (backward) mode needs, in backward order."""
+
+    def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
+        super().__init__(profile, period, bucket_cap_mb)
         self.cost = self.model.exposed
 
     def schedule(self, groups: Sequence[Sequence[int]], method: str) -> Schedule:
@@ -317,17 +324,11 @@ def equal_bytes(profile: Profile, period: int) -> Schedule:
 # --------------------------------------------------------------------------- forward overlap
 
 
-class _ForwardInstance:
+class _ForwardInstance(_Problem):
     """One profile and period under forward overlap: the steady-state time of any assignment."""
 
     def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be an integer >= 1, got {period!r}")
-        self.profile = profile
-        self.period = period
-        self.names = profile.names
-        self.n = len(self.names)
-        self.model = CostModel(profile, bucket_cap_mb)
+        super().__init__(profile, period, bucket_cap_mb)
         self.engine = ForwardEngine(profile, self.model)
         self.lower = _lower_bound(profile, period)
         self.tol = self.engine.tol
