@@ -245,6 +245,8 @@ CLI_CASES = [
             ("'planned.json'", "world_size 2", "plan again with 1 rank"), setup=_schedule_for_two_ranks),
     CliCase("metrics-port-in-use", "train", TINY, ("metrics_port", "free", "0 to turn metrics off"),
             setup=_port_in_use),
+    CliCase("metrics-port-past-65535", "train", (*TINY, "--metrics-port", "65535"),
+            ("65536", "PORT + LOCAL_RANK", "0 to turn metrics off"), env={"LOCAL_RANK": "1"}, setup=_tiny),
     CliCase("checkpoint-different-model", "train", (*TINY, "--set", "model.d_model=48", "--checkpoint-dir", "ckpt"),
             ("ckpt/step-00000002", "[256, 32]", "[256, 48]", "resume with the model config"),
             setup=_checkpoint_copy("one_rank_checkpoint")),
