@@ -394,13 +394,14 @@ def test_checkpoint_resumes_mid_period_with_every_ranks_local_state(tmp_path):
 
 
 # ---------------------------------------------------------------------------- launch example
-def test_launch_example_trains_with_torchrun(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_launch_example_trains(tmp_path, launcher):
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHON=sys.executable, NPROC="2", LAUNCHER="torchrun", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, PYTHON=sys.executable, NPROC="2", LAUNCHER=launcher, DS_ACCELERATOR="cpu")
     proc = subprocess.run(["bash", str(root / "launch/deepspeed/run.sh"), "--steps", "2", "--save-dir", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,6 +13,7 @@ Without a GPU set ``DS_ACCELERATOR=cpu`` (gloo). Rank 0 prints one JSON line per
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 
 import deepspeed
@@ -63,6 +64,13 @@ def main() -> None:
     engine.dreamddp.average_all()  # one model for evaluation or export
     if dist.get_rank() == 0:
         print(json.dumps({"done": engine.global_steps, "bytes_sent_total": engine.dreamddp.total_bytes_sent}))
+    # Tear down in order: the engine (and the wrapper's hooks and process-group references)
+    # first, then every rank past the last collective, then the group. Exiting with the group
+    # still alive can abort a rank ("terminate called without an active exception").
+    del engine
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
