@@ -672,8 +672,7 @@ class DreamDDP(nn.Module):
         """Drop what is in flight (a checkpoint is replacing the state): finish every collective
         on the wire first, so none is left dangling or writing into weights being loaded."""
         for inflight in self._pending:
-            if inflight.average is not None:
-                self._wait(inflight)
+            self._wait(inflight)  # a no-op for one restored from a checkpoint (already waited)
         self._pending = []
         self._deferred.discard()
 

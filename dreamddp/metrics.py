@@ -40,6 +40,9 @@ class TrainingMetrics:
     """Serves the metrics of one rank until ``close()``."""
 
     def __init__(self, port: int, addr: str, rank: int, unit: str = "samples") -> None:
+        if not 0 < port <= 65535:
+            raise ValueError(f"train.metrics_port: this rank's port {port} (PORT + LOCAL_RANK) is not a TCP port; choose "
+                             "PORT so that PORT + procs per node - 1 <= 65535, or 0 to turn metrics off")
         self.registry = CollectorRegistry()
         labels = ["rank"]
         reg = self.registry
@@ -63,9 +66,6 @@ class TrainingMetrics:
         self._rss = Gauge("dreamddp_rss_bytes", "Resident memory of this process", labels, registry=reg)
         self._label = str(rank)
         self._process = psutil.Process()
-        if not 0 < port <= 65535:
-            raise ValueError(f"train.metrics_port: this rank's port {port} (PORT + LOCAL_RANK) is not a TCP port; choose "
-                             "PORT so that PORT + procs per node - 1 <= 65535, or 0 to turn metrics off")
         try:
             self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as err:

@@ -48,12 +48,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_writable(flag: str, path: str | None) -> None:
-    """An output path must be writable before the work that fills it is done (missing folders are made)."""
-    if path:
-        check_writable(flag, path)
-
-
 def reprice(profile: Profile, link: LinkSpec) -> Profile:
     world = int(profile.metadata.get("world_size", 2))
     ring = 2.0 * (world - 1) / world if world > 1 else 0.0
@@ -115,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = Profile.from_json(args.profile)
         for flag in ("out", "trace"):
-            _check_writable(f"--{flag}", getattr(args, flag))  # before planning, which may take a while
+            if getattr(args, flag):
+                check_writable(f"--{flag}", getattr(args, flag))  # before planning, which may take a while
         if args.link:
             profile = reprice(profile, LinkSpec.parse(args.link))
         if args.max_delay < 0:
