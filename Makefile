@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m dreamddp.demo
+	$(PY) -m dreamddp.tools.demo
 
 test: setup
 	$(PY) -m pytest

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from dreamddp.config import load_config  # noqa: E402
-from dreamddp.data import build_data  # noqa: E402
-from dreamddp.models import build_model  # noqa: E402
-from dreamddp.train import loss_for_task  # noqa: E402
+from dreamddp.training.config import load_config  # noqa: E402
+from dreamddp.training.data import build_data  # noqa: E402
+from dreamddp.training.models import build_model  # noqa: E402
+from dreamddp.training.trainer import loss_for_task  # noqa: E402
 
 
 def main(repeats: int = 8, nbytes: int = 4 * 2**20) -> None:
@@ -35,8 +35,16 @@ def main(repeats: int = 8, nbytes: int = 4 * 2**20) -> None:
     cfg = load_config("configs/gpt-tiny.toml", [])
     torch.manual_seed(0)
     model = build_model(cfg.model_name, cfg.model_options)
-    data = build_data(cfg.data.name, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, vocab_size=256,
-                      rank=dist.get_rank(), world_size=dist.get_world_size(), seed=0, max_bytes=cfg.data.max_bytes)
+    data = build_data(
+        cfg.data.name,
+        batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
+        vocab_size=256,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        seed=0,
+        max_bytes=cfg.data.max_bytes,
+    )
     loss_fn = loss_for_task("lm")
 
     def compute(step: int) -> float:
@@ -59,8 +67,11 @@ def main(repeats: int = 8, nbytes: int = 4 * 2**20) -> None:
         work.wait()
     if dist.get_rank() == 0:
         a, b = statistics.median(alone), statistics.median(with_transfer)
-        print(f"forward+backward alone {a * 1e3:.1f} ms; with a {nbytes / 2**20:.0f} MiB all-reduce in flight "
-              f"{b * 1e3:.1f} ms ({b / a:.3f}x)", flush=True)
+        print(
+            f"forward+backward alone {a * 1e3:.1f} ms; with a {nbytes / 2**20:.0f} MiB all-reduce in flight "
+            f"{b * 1e3:.1f} ms ({b / a:.3f}x)",
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 from dreamddp import Schedule, sync_units
-from dreamddp.config import load_config
-from dreamddp.models import build_model
-from dreamddp.runner import run_torchrun
+from dreamddp.tools.runner import run_torchrun
+from dreamddp.training.config import load_config
+from dreamddp.training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,10 @@ def main() -> None:
                 s = run_torchrun(args.config, common + overrides, Path(tmp) / "log.jsonl", nproc=args.nproc)
                 times[name].append(s["iter_s_median"])
                 rss[name].append(s["peak_rss_mb"])
-                print(f"repeat {rep + 1}/{args.repeats} {name}: {s['iter_s_median']:.4f} s/it, peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"repeat {rep + 1}/{args.repeats} {name}: {s['iter_s_median']:.4f} s/it, peak RSS {s['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
 
     base_t = statistics.median(times["ssgd (torch DDP)"])
     base_m = statistics.median(rss["ssgd (torch DDP)"])

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dreamddp.algorithms import build_optimizer
-from dreamddp.config import load_config
-from dreamddp.data import build_data
-from dreamddp.models import build_model, model_task
-from dreamddp.train import loss_for_task
+from dreamddp.training.config import load_config
+from dreamddp.training.data import build_data
+from dreamddp.training.models import build_model, model_task
+from dreamddp.training.strategies import build_optimizer
+from dreamddp.training.trainer import loss_for_task
 from profiler import profile_compute
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +36,16 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     model = build_model(cfg.model_name, cfg.model_options)
     optimizer = build_optimizer(cfg.train, model.parameters())
-    data = build_data(cfg.data.name, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-                      vocab_size=256, rank=0, world_size=1, seed=0, max_bytes=cfg.data.max_bytes)
+    data = build_data(
+        cfg.data.name,
+        batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
+        vocab_size=256,
+        rank=0,
+        world_size=1,
+        seed=0,
+        max_bytes=cfg.data.max_bytes,
+    )
     loss_fn = loss_for_task(model_task(cfg.model_name))
 
     warmup, plain, profiled = 3, [], []
@@ -52,10 +60,14 @@ def main() -> None:
         start = time.perf_counter()
         profile_compute(model, data.batch, loss_fn, iters=args.iters, warmup=warmup, optimizer=optimizer)
         profiled.append((time.perf_counter() - start) / (warmup + args.iters))
-        print(f"repeat {rep + 1}: plain {plain[-1] * 1e3:.1f} ms/it, profiled {profiled[-1] * 1e3:.1f} ms/it", flush=True)
+        print(
+            f"repeat {rep + 1}: plain {plain[-1] * 1e3:.1f} ms/it, profiled {profiled[-1] * 1e3:.1f} ms/it", flush=True
+        )
     ratio = statistics.median(profiled) / statistics.median(plain)
-    print(f"\nprofiled / plain iteration time (wall, same loop, same batches): {ratio:.3f}x "
-          f"(median of {args.repeats} interleaved repeats)")
+    print(
+        f"\nprofiled / plain iteration time (wall, same loop, same batches): {ratio:.3f}x "
+        f"(median of {args.repeats} interleaved repeats)"
+    )
 
 
 if __name__ == "__main__":

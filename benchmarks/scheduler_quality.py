@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from dreamddp import plan
-from dreamddp.scheduler import brute_force, contiguous_optimal, paper_dfs, total_exposed
+from dreamddp.planning import brute_force, contiguous_optimal, paper_dfs, total_exposed
 from profiler import CommModel, Profile
 
 OUT = Path(__file__).resolve().parent / "results" / "scheduler.md"
@@ -29,7 +29,9 @@ def random_profile(rng: random.Random, n: int, coalesced: bool) -> Profile:
     if not coalesced:
         return Profile.synthetic(backward, [rng.random() * 1.5 for _ in range(n)])
     nbytes = [rng.randint(1, 4000) for _ in range(n)]
-    return Profile.synthetic(backward, [0.0] * n, nbytes=nbytes).with_comm(CommModel(rng.random() * 0.5, rng.random() * 5e-4))
+    return Profile.synthetic(backward, [0.0] * n, nbytes=nbytes).with_comm(
+        CommModel(rng.random() * 0.5, rng.random() * 5e-4)
+    )
 
 
 def quality(rng: random.Random, trials: int, sizes: tuple[int, int], coalesced: bool) -> dict[str, str]:
@@ -49,16 +51,22 @@ def quality(rng: random.Random, trials: int, sizes: tuple[int, int], coalesced: 
                 misses[name].append((value - optimum) / value)
         if values["contiguous_optimal"] > optimum + 1e-9:
             noncontiguous_wins.append((values["contiguous_optimal"] - optimum) / values["contiguous_optimal"])
-    row = {name: f"{len(m) / trials:.1%} worse, up to {max(m, default=0):.0%} more exposed than optimal"
-           f" (median miss {statistics.median(m) if m else 0:.0%})" for name, m in misses.items()}
-    row["non-contiguous optimum"] = f"beats the best contiguous in {len(noncontiguous_wins) / trials:.1%}, by up to {max(noncontiguous_wins, default=0):.0%}"
+    row = {
+        name: f"{len(m) / trials:.1%} worse, up to {max(m, default=0):.0%} more exposed than optimal"
+        f" (median miss {statistics.median(m) if m else 0:.0%})"
+        for name, m in misses.items()
+    }
+    row["non-contiguous optimum"] = (
+        f"beats the best contiguous in {len(noncontiguous_wins) / trials:.1%}, by up to {max(noncontiguous_wins, default=0):.0%}"
+    )
     return row
 
 
 def speed(rng: random.Random) -> float:
     n = 500
-    p = Profile.synthetic([rng.random() * 1e-3 for _ in range(n)], [0.0] * n,
-                          nbytes=[rng.randint(1_000, 400_000) for _ in range(n)]).with_comm(CommModel(0.002, 8e-9))
+    p = Profile.synthetic(
+        [rng.random() * 1e-3 for _ in range(n)], [0.0] * n, nbytes=[rng.randint(1_000, 400_000) for _ in range(n)]
+    ).with_comm(CommModel(0.002, 8e-9))
     start = time.perf_counter()
     plan(p, 32)
     return time.perf_counter() - start

@@ -11,12 +11,12 @@ import sys
 
 COMMANDS = {
     "train": ("dreamddp.train", "train a model (run under torchrun for several workers)"),
-    "profile": ("profiler.cli", "measure per-unit compute and fit the comm model (under torchrun)"),
-    "plan": ("dreamddp.scheduler.cli", "plan a schedule from a profile and predict every method's time"),
-    "demo": ("dreamddp.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
-    "cluster": ("dreamddp.cluster", "emulated geo-distributed cluster: network namespaces + tc (root)"),
-    "bench": ("dreamddp.bench.run", "every algorithm over the same throttled links; results + report"),
-    "report": ("dreamddp.bench.report", "markdown table and plots from `dreamddp bench` results"),
+    "profile": ("dreamddp.tools.profile", "measure per-unit compute and fit the comm model (under torchrun)"),
+    "plan": ("dreamddp.planning.cli", "plan a schedule from a profile and predict every method's time"),
+    "demo": ("dreamddp.tools.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
+    "cluster": ("dreamddp.emulation.cluster", "emulated geo-distributed cluster: network namespaces + tc (root)"),
+    "bench": ("dreamddp.tools.bench.run", "every algorithm over the same throttled links; results + report"),
+    "report": ("dreamddp.tools.bench.report", "markdown table and plots from `dreamddp bench` results"),
 }
 
 

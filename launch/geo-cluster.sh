@@ -13,4 +13,4 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$python" ] || python=python3
-exec "$python" -m dreamddp.cluster "$@"
+exec "$python" -m dreamddp.emulation.cluster "$@"

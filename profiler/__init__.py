@@ -7,9 +7,19 @@
 - ``refresh`` / ``compare``: re-measure a profile from a running job's observed timings.
 """
 
-from .comm import profile_comm
-from .compute import profile_compute
-from .observed import compare, refresh
-from .profile import PROFILE_FORMAT, CommModel, Profile, Spread, UnitProfile
+from dreamddp.planning.profile import PROFILE_FORMAT, CommModel, Profile, Spread, UnitProfile
+from profiler.comm import profile_comm
+from profiler.compute import profile_compute
+from profiler.observed import compare, refresh
 
-__all__ = ["PROFILE_FORMAT", "CommModel", "Profile", "Spread", "UnitProfile", "compare", "profile_comm", "profile_compute", "refresh"]
+__all__ = [
+    "PROFILE_FORMAT",
+    "CommModel",
+    "Profile",
+    "Spread",
+    "UnitProfile",
+    "compare",
+    "profile_comm",
+    "profile_compute",
+    "refresh",
+]

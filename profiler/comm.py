@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from dreamddp.comm import BucketAverage, SimulatedLink
-
-from .profile import CommModel
+from dreamddp.core.collectives import BucketAverage
+from dreamddp.emulation.link import SimulatedLink
+from dreamddp.planning.profile import CommModel
 
 __all__ = ["DEFAULT_SIZES", "profile_comm"]
 
@@ -46,7 +46,11 @@ def profile_comm(
         raise RuntimeError("profile_comm needs an initialised process group")
     group = process_group if process_group is not None else dist.group.WORLD
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
     seconds = []
     for nbytes in sizes:
         buffers = [torch.zeros(nbytes // 4, dtype=torch.float32, device=device) for _ in range(repeats)]

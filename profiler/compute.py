@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dreamddp.timing import Clock
-from dreamddp.units import sync_units, units_fingerprint
-
-from .profile import Profile, Spread, UnitProfile
+from dreamddp.core.timing import Clock
+from dreamddp.core.units import sync_units, units_fingerprint
+from dreamddp.planning.profile import Profile, Spread, UnitProfile
 
 __all__ = ["profile_compute"]
 
@@ -89,8 +88,11 @@ def profile_compute(
             t_step = clock.mark()
             if step >= warmup:
                 samples.append(
-                    {"marks": (t_start, t_forward, t_backward, t_step), "fwd": [list(m) for m in fwd_marks],
-                     "ready": list(ready_mark)}
+                    {
+                        "marks": (t_start, t_forward, t_backward, t_step),
+                        "fwd": [list(m) for m in fwd_marks],
+                        "ready": list(ready_mark),
+                    }
                 )
         clock.settle()
     finally:

@@ -13,9 +13,8 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from dreamddp.timing import ObservedIteration
-
-from .profile import CommModel, Profile
+from dreamddp.core.timing import ObservedIteration
+from dreamddp.planning.profile import CommModel, Profile
 
 __all__ = ["refresh", "compare"]
 

@@ -49,16 +49,33 @@ timing_warmup = 0
 progress = false
 log = "train.jsonl"
 """
-TINY_UNITS = ["wte", "wpe", "blocks.0.ln1", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.ln2",
-              "blocks.0.mlp.fc", "blocks.0.mlp.proj", "ln_f"]
+TINY_UNITS = [
+    "wte",
+    "wpe",
+    "blocks.0.ln1",
+    "blocks.0.attn.qkv",
+    "blocks.0.attn.proj",
+    "blocks.0.ln2",
+    "blocks.0.mlp.fc",
+    "blocks.0.mlp.proj",
+    "ln_f",
+]
 PROGRAMS = {
     "train": ["-m", "dreamddp.train"],
     "plan": ["-m", "dreamddp.cli", "plan"],
     "cluster": ["-m", "dreamddp.cli", "cluster"],
 }
 # Variables that would make a subprocess join some other job or change its behaviour.
-JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DREAMDDP_FAULT",
-           "DREAMDDP_SOFTWARE_DELAY", "TORCHELASTIC_RESTART_COUNT")
+JOB_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "DREAMDDP_FAULT",
+    "DREAMDDP_SOFTWARE_DELAY",
+    "TORCHELASTIC_RESTART_COUNT",
+)
 
 
 # --------------------------------------------------------------------------- the doc's table
@@ -131,7 +148,8 @@ def _schedule_missing_unit(cwd: Path, _request) -> list[str]:
 
     _tiny(cwd)
     Schedule(period=2, assignment={n: [i % 2] for i, n in enumerate(TINY_UNITS) if n != "ln_f"}).to_json(
-        cwd / "partial.json")
+        cwd / "partial.json"
+    )
     return []
 
 
@@ -143,13 +161,26 @@ def _schedule_not_json(cwd: Path, _request) -> list[str]:
 
 def _schedule_for_two_ranks(cwd: Path, _request) -> list[str]:
     """A schedule planned by `dreamddp plan` from a profile measured on 2 ranks."""
-    from dreamddp.scheduler.cli import main as plan_main
-    from dreamddp.schedule import Schedule
+    from dreamddp.core.schedule import Schedule
+    from dreamddp.planning.cli import main as plan_main
 
     _tiny(cwd)
     _profile(cwd / "profile.json", world_size=2)
-    assert plan_main(["--profile", str(cwd / "profile.json"), "--period", "2", "--method", "plsgd",
-                      "--out", str(cwd / "planned.json")]) == 0
+    assert (
+        plan_main(
+            [
+                "--profile",
+                str(cwd / "profile.json"),
+                "--period",
+                "2",
+                "--method",
+                "plsgd",
+                "--out",
+                str(cwd / "planned.json"),
+            ]
+        )
+        == 0
+    )
     assert Schedule.from_json(cwd / "planned.json").metadata["world_size"] == 2  # recorded by plan
     return []
 
@@ -189,6 +220,7 @@ def _checkpoint_copy(fixture: str) -> Callable[[Path, pytest.FixtureRequest], li
         _tiny(cwd)
         shutil.copytree(request.getfixturevalue(fixture), cwd / "ckpt")
         return []
+
     return setup
 
 
@@ -203,7 +235,8 @@ def _truncated_checkpoint(cwd: Path, request: pytest.FixtureRequest) -> list[str
 def _bad_profile(cwd: Path, _request) -> list[str]:
     (cwd / "profile.json").write_text(
         '{"format": "dreamddp.profile/1", "units": [{"name": "wte", "forward_s": 0.001, "backward_s": 0.002}]}\n',
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return []
 
 
@@ -215,52 +248,135 @@ def _good_profile(cwd: Path, _request) -> list[str]:
 TINY = ("--config", "tiny.toml")
 CLI_CASES = [
     CliCase("period-zero", "train", ("--set", "train.period=0"), ("train.period", "got 0", ">= 1")),
-    CliCase("unknown-algorithm", "train", ("--set", "train.algorithm=fedavg"), ("'fedavg'", "local_sgd, post_local_sgd")),
+    CliCase(
+        "unknown-algorithm", "train", ("--set", "train.algorithm=fedavg"), ("'fedavg'", "local_sgd, post_local_sgd")
+    ),
     CliCase("malformed-link", "train", ("--set", "train.link=100mbits,20ms"), ("'100mbits,20ms'", "mbit/gbit")),
     CliCase("unknown-config-key", "train", ("--set", "train.epochs=3"), ("train.epochs", "allowed: algorithm, steps")),
     CliCase("wrong-value-type", "train", ("--set", "train.steps=ten"), ("train.steps", "'ten'", "must be int")),
     CliCase("unknown-flag", "train", ("--resume", "ckpt"), ("--resume ckpt", "--help")),
-    CliCase("missing-config-file", "train", ("--config", "configs/gpt-tny.toml"),
-            ("'configs/gpt-tny.toml'", "configs/gpt-tiny.toml")),
-    CliCase("config-is-directory", "train", ("--config", "configs"), ("'configs'", "Is a directory", "TOML file"),
-            setup=_directory_in_the_way),
+    CliCase(
+        "missing-config-file",
+        "train",
+        ("--config", "configs/gpt-tny.toml"),
+        ("'configs/gpt-tny.toml'", "configs/gpt-tiny.toml"),
+    ),
+    CliCase(
+        "config-is-directory",
+        "train",
+        ("--config", "configs"),
+        ("'configs'", "Is a directory", "TOML file"),
+        setup=_directory_in_the_way,
+    ),
     CliCase("invalid-toml", "train", ("--config", "bad.toml"), ("'bad.toml'", "valid TOML", "line 2"), setup=_bad_toml),
-    CliCase("checkpoint-every-without-dir", "train", ("--checkpoint-every", "5"),
-            ("checkpoint_every=5", "--checkpoint-dir", "checkpoint_every=0")),
+    CliCase(
+        "checkpoint-every-without-dir",
+        "train",
+        ("--checkpoint-every", "5"),
+        ("checkpoint_every=5", "--checkpoint-dir", "checkpoint_every=0"),
+    ),
     CliCase("metrics-port-out-of-range", "train", ("--metrics-port", "70000"), ("70000", "1..65535", "0 (off)")),
-    CliCase("time-budget-without-eval", "train", ("--set", "train.time_budget_s=60"),
-            ("time_budget_s=60", "eval_every > 0")),
-    CliCase("fault-env-malformed", "train", (), ("'kill@one:5'", "kill@RANK:STEP"), env={"DREAMDDP_FAULT": "kill@one:5"}),
-    CliCase("rank-without-master-addr", "train", TINY, ("MASTER_ADDR", "torchrun"),
-            env={"RANK": "0", "WORLD_SIZE": "2"}, setup=_tiny),
-    CliCase("trace-path-unwritable", "train", (*TINY, "--trace", "runs/trace.json"),
-            ("'runs/trace.json'", "writable directory"), setup=_file_in_the_way),
-    CliCase("log-path-is-directory", "train", (*TINY, "--set", "train.log=runs"), ("'runs'", "'runs/train.jsonl'"),
-            setup=_directory_in_the_way),
-    CliCase("schedule-misses-unit", "train", (*TINY, "--set", "train.schedule=partial.json"),
-            ("'partial.json'", "'ln_f'", "at least once per period"), setup=_schedule_missing_unit),
-    CliCase("schedule-not-json", "train", (*TINY, "--set", "train.schedule=schedule.json"),
-            ("'schedule.json'", "valid JSON"), setup=_schedule_not_json),
-    CliCase("schedule-world-size-changed", "train", (*TINY, "--set", "train.schedule=planned.json"),
-            ("'planned.json'", "world_size 2", "plan again with 1 rank"), setup=_schedule_for_two_ranks),
-    CliCase("metrics-port-in-use", "train", TINY, ("metrics_port", "free", "0 to turn metrics off"),
-            setup=_port_in_use),
-    CliCase("metrics-port-past-65535", "train", (*TINY, "--metrics-port", "65535"),
-            ("65536", "PORT + LOCAL_RANK", "0 to turn metrics off"), env={"LOCAL_RANK": "1"}, setup=_tiny),
-    CliCase("checkpoint-different-model", "train", (*TINY, "--set", "model.d_model=48", "--checkpoint-dir", "ckpt"),
-            ("ckpt/step-00000002", "[256, 32]", "[256, 48]", "resume with the model config"),
-            setup=_checkpoint_copy("one_rank_checkpoint")),
-    CliCase("checkpoint-different-world-size", "train", (*TINY, "--checkpoint-dir", "ckpt"),
-            ("ckpt/step-00000002", "2 ranks", "resume with 2 ranks"), setup=_checkpoint_copy("two_rank_checkpoint")),
-    CliCase("checkpoint-corrupt", "train", (*TINY, "--checkpoint-dir", "ckpt"),
-            ("ckpt/step-00000002/rank-00000.pt", "cannot be read", "delete ckpt/step-00000002"),
-            setup=_truncated_checkpoint),
-    CliCase("profile-malformed", "plan", ("--profile", "profile.json", "--period", "4", "--out", "schedule.json"),
-            ("'profile.json'", "'bytes'", "name, bytes, forward_s and backward_s"), setup=_bad_profile),
-    CliCase("plan-out-unwritable", "plan", ("--profile", "profile.json", "--period", "2", "--out", "runs/schedule.json"),
-            ("'runs/schedule.json'", "writable directory"), setup=_good_profile),
-    CliCase("cluster-run-without-up", "cluster", ("run", "--name", "nosuch", "--", "true"),
-            ("'nosuch'", "dreamddp cluster up --name nosuch")),
+    CliCase(
+        "time-budget-without-eval", "train", ("--set", "train.time_budget_s=60"), ("time_budget_s=60", "eval_every > 0")
+    ),
+    CliCase(
+        "fault-env-malformed", "train", (), ("'kill@one:5'", "kill@RANK:STEP"), env={"DREAMDDP_FAULT": "kill@one:5"}
+    ),
+    CliCase(
+        "rank-without-master-addr",
+        "train",
+        TINY,
+        ("MASTER_ADDR", "torchrun"),
+        env={"RANK": "0", "WORLD_SIZE": "2"},
+        setup=_tiny,
+    ),
+    CliCase(
+        "trace-path-unwritable",
+        "train",
+        (*TINY, "--trace", "runs/trace.json"),
+        ("'runs/trace.json'", "writable directory"),
+        setup=_file_in_the_way,
+    ),
+    CliCase(
+        "log-path-is-directory",
+        "train",
+        (*TINY, "--set", "train.log=runs"),
+        ("'runs'", "'runs/train.jsonl'"),
+        setup=_directory_in_the_way,
+    ),
+    CliCase(
+        "schedule-misses-unit",
+        "train",
+        (*TINY, "--set", "train.schedule=partial.json"),
+        ("'partial.json'", "'ln_f'", "at least once per period"),
+        setup=_schedule_missing_unit,
+    ),
+    CliCase(
+        "schedule-not-json",
+        "train",
+        (*TINY, "--set", "train.schedule=schedule.json"),
+        ("'schedule.json'", "valid JSON"),
+        setup=_schedule_not_json,
+    ),
+    CliCase(
+        "schedule-world-size-changed",
+        "train",
+        (*TINY, "--set", "train.schedule=planned.json"),
+        ("'planned.json'", "world_size 2", "plan again with 1 rank"),
+        setup=_schedule_for_two_ranks,
+    ),
+    CliCase(
+        "metrics-port-in-use", "train", TINY, ("metrics_port", "free", "0 to turn metrics off"), setup=_port_in_use
+    ),
+    CliCase(
+        "metrics-port-past-65535",
+        "train",
+        (*TINY, "--metrics-port", "65535"),
+        ("65536", "PORT + LOCAL_RANK", "0 to turn metrics off"),
+        env={"LOCAL_RANK": "1"},
+        setup=_tiny,
+    ),
+    CliCase(
+        "checkpoint-different-model",
+        "train",
+        (*TINY, "--set", "model.d_model=48", "--checkpoint-dir", "ckpt"),
+        ("ckpt/step-00000002", "[256, 32]", "[256, 48]", "resume with the model config"),
+        setup=_checkpoint_copy("one_rank_checkpoint"),
+    ),
+    CliCase(
+        "checkpoint-different-world-size",
+        "train",
+        (*TINY, "--checkpoint-dir", "ckpt"),
+        ("ckpt/step-00000002", "2 ranks", "resume with 2 ranks"),
+        setup=_checkpoint_copy("two_rank_checkpoint"),
+    ),
+    CliCase(
+        "checkpoint-corrupt",
+        "train",
+        (*TINY, "--checkpoint-dir", "ckpt"),
+        ("ckpt/step-00000002/rank-00000.pt", "cannot be read", "delete ckpt/step-00000002"),
+        setup=_truncated_checkpoint,
+    ),
+    CliCase(
+        "profile-malformed",
+        "plan",
+        ("--profile", "profile.json", "--period", "4", "--out", "schedule.json"),
+        ("'profile.json'", "'bytes'", "name, bytes, forward_s and backward_s"),
+        setup=_bad_profile,
+    ),
+    CliCase(
+        "plan-out-unwritable",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "runs/schedule.json"),
+        ("'runs/schedule.json'", "writable directory"),
+        setup=_good_profile,
+    ),
+    CliCase(
+        "cluster-run-without-up",
+        "cluster",
+        ("run", "--name", "nosuch", "--", "true"),
+        ("'nosuch'", "dreamddp cluster up --name nosuch"),
+    ),
     CliCase("cluster-bad-sites", "cluster", ("up", "--sites", "0"), ("--sites", "got 0", ">= 1")),
 ]
 
@@ -268,8 +384,14 @@ CLI_CASES = [
 def _run(program: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in JOB_ENV}
     full_env = {**base, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "DREAMDDP_STATE_DIR": str(cwd), **env}
-    return subprocess.run([sys.executable, *PROGRAMS[program], *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *PROGRAMS[program], *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _train_checkpoint(directory: Path, nproc: int) -> Path:
@@ -280,10 +402,15 @@ def _train_checkpoint(directory: Path, nproc: int) -> Path:
         proc = _run("train", args, directory, {}, timeout=60)
         assert proc.returncode == 0, proc.stderr[-2000:]
     else:
-        from dreamddp.runner import torchrun
+        from dreamddp.tools.runner import torchrun
 
-        torchrun(["dreamddp.train", *args], nproc=nproc, timeout=90, cwd=directory,
-                 env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+        torchrun(
+            ["dreamddp.train", *args],
+            nproc=nproc,
+            timeout=90,
+            cwd=directory,
+            env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+        )
     assert (directory / "ckpt" / "step-00000002" / "meta.json").exists()
     return directory / "ckpt"
 
@@ -389,6 +516,7 @@ def test_every_documented_row_is_tested_and_every_test_documented() -> None:
     documented = set(doc_rows())
     tested = [c.id for c in CLI_CASES] + [c.id for c in API_CASES]
     assert len(tested) == len(set(tested)), "an id is tested twice"
-    assert documented == set(tested), (f"in the doc only: {sorted(documented - set(tested))}; "
-                                       f"tested only: {sorted(set(tested) - documented)}")
+    assert documented == set(tested), (
+        f"in the doc only: {sorted(documented - set(tested))}; tested only: {sorted(set(tested) - documented)}"
+    )
     assert len(documented) >= 15

@@ -10,20 +10,28 @@ import json
 
 import pytest
 
-from dreamddp import netem
-from dreamddp.bench.run import BenchConfig, main
+from dreamddp.emulation import netns
+from dreamddp.tools.bench.run import BenchConfig, main
 
 
 def _cluster_unavailable() -> str:
     try:
-        netem.check_environment()
-    except netem.ClusterError as err:
+        netns.check_environment()
+    except netns.ClusterError as err:
         return str(err)
     return ""
 
+
 TINY = [
-    "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16",
-    "data.seq_len=16", "data.batch_size=4", "data.max_bytes=200000", "train.eval_batches=2", "train.timing_warmup=1",
+    "model.n_layer=2",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.block_size=16",
+    "data.seq_len=16",
+    "data.batch_size=4",
+    "data.max_bytes=200000",
+    "train.eval_batches=2",
+    "train.timing_warmup=1",
 ]
 
 
@@ -57,8 +65,21 @@ def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
     assert _is_png(tmp_path / "iteration_time.png")
 
     conv_dir = tmp_path / "conv"
-    assert _bench(conv_dir, "--network", "simulated", "--algorithms", "ssgd", "dreamddp", "--convergence",
-                  "--eval-every", "2", "--report") == 0
+    assert (
+        _bench(
+            conv_dir,
+            "--network",
+            "simulated",
+            "--algorithms",
+            "ssgd",
+            "dreamddp",
+            "--convergence",
+            "--eval-every",
+            "2",
+            "--report",
+        )
+        == 0
+    )
     conv = json.loads((conv_dir / "convergence.json").read_text())
     (model,) = conv["models"]
     ssgd_run, dream_run = model["runs"]

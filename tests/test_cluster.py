@@ -14,14 +14,15 @@ import time
 
 import pytest
 
-from dreamddp import netem
-from dreamddp.cluster import main as cluster_main
-from dreamddp.cluster import measure_rate, run_on_sites
-from dreamddp.netem import ClusterError, ClusterSpec
+from dreamddp.emulation import netns
+from dreamddp.emulation.cluster import main as cluster_main
+from dreamddp.emulation.cluster import measure_rate, run_on_sites
+from dreamddp.emulation.netns import ClusterError, ClusterSpec
+
 
 def _cluster_unavailable() -> str:
     try:
-        netem.check_environment()
+        netns.check_environment()
     except ClusterError as err:
         return str(err)
     return ""
@@ -39,17 +40,18 @@ ALLREDUCE = (
 
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(netem.STATE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(netns.STATE_DIR_ENV, str(tmp_path))
     return tmp_path
 
 
 @pytest.fixture
 def spec(state_dir):
     name = f"dt{os.getpid() % 100000}"
-    yield ClusterSpec(sites=2, procs_per_site=1, wan="50mbit", wan_delay="5ms", subnet="10.214.77.0/24",
-                      name=name, master_port=29611)
+    yield ClusterSpec(
+        sites=2, procs_per_site=1, wan="50mbit", wan_delay="5ms", subnet="10.214.77.0/24", name=name, master_port=29611
+    )
     if not _cluster_unavailable():
-        netem.down(name)
+        netns.down(name)
 
 
 def _root_interfaces() -> str:
@@ -58,10 +60,10 @@ def _root_interfaces() -> str:
 
 @needs_root
 def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir):
-    state = netem.up(spec)
-    assert netem.namespaces(spec.name) == sorted([f"{spec.name}-hub", f"{spec.name}-s0", f"{spec.name}-s1"])
+    state = netns.up(spec)
+    assert netns.namespaces(spec.name) == sorted([f"{spec.name}-hub", f"{spec.name}-s0", f"{spec.name}-s1"])
     assert state.delay_mode in ("software", "kernel netem")
-    shaped = netem.qdiscs(state)
+    shaped = netns.qdiscs(state)
     assert all(("tbf" in q or "netem" in q) for q in shaped.values()), shaped
 
     out = io.StringIO()
@@ -72,30 +74,30 @@ def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir):
     rate = measure_rate(state, seconds=1.0)
     assert 0.8 * 50e6 <= rate <= 1.2 * 50e6, f"measured {rate / 1e6:.1f} Mbit/s on a 50 Mbit/s link"
 
-    assert netem.down(spec.name)
-    assert netem.namespaces(spec.name) == []
+    assert netns.down(spec.name)
+    assert netns.namespaces(spec.name) == []
     assert spec.name not in _root_interfaces()
     assert not (state_dir / f"{spec.name}.json").exists()
     assert not os.path.exists(f"/etc/netns/{spec.name}-s0")
-    assert netem.down(spec.name) == []  # idempotent
+    assert netns.down(spec.name) == []  # idempotent
 
 
 @needs_root
 def test_down_cleans_up_after_a_crash_that_lost_the_state(spec, state_dir):
-    netem.up(spec)
+    netns.up(spec)
     (state_dir / f"{spec.name}.json").unlink()
     with pytest.raises(ClusterError, match="already up"):
-        netem.up(spec)  # leftovers are noticed, not clobbered
-    assert len(netem.down(spec.name)) == 3
-    assert netem.namespaces(spec.name) == []
+        netns.up(spec)  # leftovers are noticed, not clobbered
+    assert len(netns.down(spec.name)) == 3
+    assert netns.namespaces(spec.name) == []
 
 
 @needs_root
 def test_one_failing_site_stops_the_others(spec, monkeypatch):
-    import dreamddp.cluster as cluster
+    import dreamddp.emulation.cluster as cluster
 
     monkeypatch.setattr(cluster, "GRACE_S", 1.0)
-    state = netem.up(spec)
+    state = netns.up(spec)
     start = time.monotonic()
     code = run_on_sites(state, ['if [ "$NODE_RANK" = 1 ]; then exit 3; fi; sleep 60'], out=io.StringIO(), timeout=60)
     assert code == 3 and time.monotonic() - start < 20
@@ -103,7 +105,7 @@ def test_one_failing_site_stops_the_others(spec, monkeypatch):
 
 def test_run_without_up_is_a_clear_error(state_dir, capsys):
     with pytest.raises(ClusterError, match="no cluster 'nosuch' is up; run `dreamddp cluster up --name nosuch` first"):
-        netem.load_state("nosuch")
+        netns.load_state("nosuch")
     assert cluster_main(["run", "--name", "nosuch", "--", "true"]) == 2
     assert "no cluster 'nosuch' is up" in capsys.readouterr().err
 
@@ -136,13 +138,13 @@ def test_cli_reports_bad_input_in_one_line(capsys):
 
 
 def test_site_env_gives_torchrun_its_multi_node_settings():
-    state = netem.ClusterState(ClusterSpec(sites=2, procs_per_site=2), "software", ["10.213.0.1", "10.213.0.2"])
-    env = netem.site_env(state, 1)
+    state = netns.ClusterState(ClusterSpec(sites=2, procs_per_site=2), "software", ["10.213.0.1", "10.213.0.2"])
+    env = netns.site_env(state, 1)
     assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == "10.213.0.1"
     assert env["NODE_RANK"] == env["PET_NODE_RANK"] == "1"
     assert env["NNODES"] == env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "wan0"
     assert env["NCCL_HOSTID"] == "dreamddp-s1"  # NCCL must not take two sites for one host
     assert env["DREAMDDP_SOFTWARE_DELAY"] == "20ms"
-    kernel = netem.ClusterState(ClusterSpec(), "kernel netem", ["10.213.0.1", "10.213.0.2"])
-    assert "DREAMDDP_SOFTWARE_DELAY" not in netem.site_env(kernel, 0)
+    kernel = netns.ClusterState(ClusterSpec(), "kernel netem", ["10.213.0.1", "10.213.0.2"])
+    assert "DREAMDDP_SOFTWARE_DELAY" not in netns.site_env(kernel, 0)

@@ -7,14 +7,21 @@ import time
 import pytest
 import torch
 
-from dreamddp.comm import LinkSpec, SimulatedLink, average_tensors, pack_buckets
+from dreamddp.core.collectives import average_tensors, pack_buckets
+from dreamddp.emulation.link import LinkSpec, SimulatedLink
 
 from .dist_utils import run_workers
 
 
 @pytest.mark.parametrize(
     "text,bps,latency",
-    [("100mbit,20ms", 1e8, 0.02), ("1gbit", 1e9, 0.0), ("20mbit, 50ms", 2e7, 0.05), ("10mbps,1s", 8e7, 1.0), ("500kbit,250us", 5e5, 2.5e-4)],
+    [
+        ("100mbit,20ms", 1e8, 0.02),
+        ("1gbit", 1e9, 0.0),
+        ("20mbit, 50ms", 2e7, 0.05),
+        ("10mbps,1s", 8e7, 1.0),
+        ("500kbit,250us", 5e5, 2.5e-4),
+    ],
 )
 def test_link_parse(text, bps, latency):
     spec = LinkSpec.parse(text)
@@ -22,7 +29,9 @@ def test_link_parse(text, bps, latency):
     assert LinkSpec.parse(str(spec)) == spec
 
 
-@pytest.mark.parametrize("text", ["", "fast", "100", "100mbit,20", "100mbit,20ms,1", "0mbit", "-5mbit", "100mbit,20lightyears", "mbit"])
+@pytest.mark.parametrize(
+    "text", ["", "fast", "100", "100mbit,20", "100mbit,20ms,1", "0mbit", "-5mbit", "100mbit,20lightyears", "mbit"]
+)
 def test_malformed_link_strings_get_one_line_errors(text):
     with pytest.raises(ValueError, match="malformed link") as info:
         LinkSpec.parse(text)
@@ -50,14 +59,20 @@ def _timings(rank: int, world: int) -> dict:
     start = time.perf_counter()
     average_tensors([t.clone(), t.clone()], link=link, cap_bytes=100_000)  # two buckets, serial channel
     serial = time.perf_counter() - start
-    from dreamddp.comm import BucketAverage
+    from dreamddp.core.collectives import BucketAverage
 
     start = time.perf_counter()
     pending = BucketAverage([t], None, link)
     time.sleep(0.2)  # "compute" that hides the transfer
     pending.wait()
     overlapped = time.perf_counter() - start
-    return {"single": single, "serial": serial, "overlapped": overlapped, "value": float(t[0]), "bytes": link.stats.bytes}
+    return {
+        "single": single,
+        "serial": serial,
+        "overlapped": overlapped,
+        "value": float(t[0]),
+        "bytes": link.stats.bytes,
+    }
 
 
 def test_simulated_link_delays_serialises_and_hides_behind_compute():
@@ -98,7 +113,7 @@ def test_bandwidth_link_releases_at_the_later_of_real_and_simulated():
 
 
 def test_software_delay_from_the_environment(monkeypatch):
-    from dreamddp.comm import SOFTWARE_DELAY_ENV, describe_link, link_from_settings
+    from dreamddp.emulation.link import SOFTWARE_DELAY_ENV, describe_link, link_from_settings
 
     monkeypatch.delenv(SOFTWARE_DELAY_ENV, raising=False)
     assert link_from_settings("", 2) is None
@@ -114,7 +129,7 @@ def test_software_delay_from_the_environment(monkeypatch):
 
 
 def _latency_only_overlap(rank: int, world: int) -> dict:
-    from dreamddp.comm import BucketAverage
+    from dreamddp.core.collectives import BucketAverage
 
     link = SimulatedLink(LinkSpec.parse("inf,100ms"), world)
     t = torch.full((1000,), float(rank))

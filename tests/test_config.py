@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamddp.config import load_config
+from dreamddp.training.config import load_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 
@@ -18,7 +18,10 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(CONFIGS[0], ["train.steps=7", "train.link=100mbit,20ms", "train.algorithm=ssgd", "model.n_layer=1", "train.lr=1"])
+    cfg = load_config(
+        CONFIGS[0],
+        ["train.steps=7", "train.link=100mbit,20ms", "train.algorithm=ssgd", "model.n_layer=1", "train.lr=1"],
+    )
     assert cfg.train.steps == 7 and cfg.train.link_spec.bandwidth_bps == 1e8
     assert cfg.train.algorithm == "ssgd" and cfg.model["n_layer"] == 1 and cfg.train.lr == 1
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamddp.data import BatchSource, build_data, step_generator
-from dreamddp.data.digits import DigitsBatches, load_digits_split
-from dreamddp.data.synthetic import SyntheticTokens
-from dreamddp.data.text import ByteCorpus, LMBatches, stdlib_source_files
+from dreamddp.training.data import BatchSource, build_data, step_generator
+from dreamddp.training.data.digits import DigitsBatches, load_digits_split
+from dreamddp.training.data.synthetic import SyntheticTokens
+from dreamddp.training.data.text import ByteCorpus, LMBatches, stdlib_source_files
 
 SMALL_BYTES = 200_000
 

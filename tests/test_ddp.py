@@ -13,7 +13,16 @@ from torch import nn
 from dreamddp import DreamDDP, Schedule, sync_units
 
 from .dist_utils import run_workers
-from .nets import MLP, ScrambledMLP, TiedLM, loss_of, make_batch, make_optimizer, random_schedule, reference_partial_local_sgd
+from .nets import (
+    MLP,
+    ScrambledMLP,
+    TiedLM,
+    loss_of,
+    make_batch,
+    make_optimizer,
+    random_schedule,
+    reference_partial_local_sgd,
+)
 
 MODELS = {"mlp": MLP, "scrambled": ScrambledMLP, "tied": TiedLM}
 KIND = {"mlp": "vector", "scrambled": "vector", "tied": "lm"}
@@ -26,7 +35,7 @@ class CountingAllReduce:
         self.bytes = 0
         self._real = dist.all_reduce
 
-    def __enter__(self) -> "CountingAllReduce":
+    def __enter__(self) -> CountingAllReduce:
         def counted(tensor, *args, **kwargs):
             self.bytes += tensor.numel() * tensor.element_size()
             return self._real(tensor, *args, **kwargs)
@@ -100,7 +109,9 @@ def _invariants(rank: int, world: int, model_name: str) -> list[str]:
         scheduled = set(schedule.units_at(h))
         expected_bytes = sum(u.nbytes for u in ddp.units if u.name in scheduled)
         if counter.bytes != expected_bytes or ddp.last_stats.bytes_sent != expected_bytes:
-            problems.append(f"step {step}: sent {counter.bytes} B, stats {ddp.last_stats.bytes_sent}, expected {expected_bytes}")
+            problems.append(
+                f"step {step}: sent {counter.bytes} B, stats {ddp.last_stats.bytes_sent}, expected {expected_bytes}"
+            )
         if ddp.iteration != step + 1:
             problems.append(f"step {step}: iteration counter {ddp.iteration}")
         for u in ddp.units:
@@ -141,7 +152,11 @@ def _train_schedules(rank: int, world: int, model_name: str, jobs: list[tuple[Sc
 def _jobs(model_name: str, period: int) -> list[tuple[Schedule, str]]:
     units = sync_units(MODELS[model_name]())
     names = [u.name for u in units]
-    schedules = [Schedule.local_sgd(names, period), Schedule.plsgd(units, period), random_schedule(names, period, seed=3)]
+    schedules = [
+        Schedule.local_sgd(names, period),
+        Schedule.plsgd(units, period),
+        random_schedule(names, period, seed=3),
+    ]
     return [(s, o) for s in schedules for o in ("momentum", "adamw")]
 
 
@@ -156,7 +171,10 @@ def test_parity_with_reference(world, model_name):
             for key, expected in reference[rank].items():
                 got = results[rank][j][key]
                 np.testing.assert_allclose(
-                    got, expected.numpy(), rtol=1e-5, atol=1e-6,
+                    got,
+                    expected.numpy(),
+                    rtol=1e-5,
+                    atol=1e-6,
                     err_msg=f"{schedule.metadata.get('method', 'random')} + {optimizer}, rank {rank}, {key}",
                 )
 
@@ -317,11 +335,28 @@ def _bad_construction(rank: int, world: int, case: str) -> str:
 @pytest.mark.parametrize(
     "case,messages",
     [
-        ("shape", ["models differ across ranks: unit 'fc2' is fc2.weight[17, 16]:float32, fc2.bias[17]:float32 on rank 1 but fc2.weight[16, 16]:float32, fc2.bias[16]:float32 on rank 0"] * 2),
+        (
+            "shape",
+            [
+                "models differ across ranks: unit 'fc2' is fc2.weight[17, 16]:float32, fc2.bias[17]:float32 on rank 1 but fc2.weight[16, 16]:float32, fc2.bias[16]:float32 on rank 0"
+            ]
+            * 2,
+        ),
         ("extra_unit", ["models differ across ranks: rank 1 has unit 'extra' that rank 0 lacks"] * 2),
-        ("schedule_one_rank", ["rank 1: schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)",
-                               "schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)"]),
-        ("schedule_differs", ["schedules differ across ranks: rank 1 has period 3 and 4 syncs, rank 0 period 2 and 4 syncs; give every rank the same schedule"] * 2),
+        (
+            "schedule_one_rank",
+            [
+                "rank 1: schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)",
+                "schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)",
+            ],
+        ),
+        (
+            "schedule_differs",
+            [
+                "schedules differ across ranks: rank 1 has period 3 and 4 syncs, rank 0 period 2 and 4 syncs; give every rank the same schedule"
+            ]
+            * 2,
+        ),
         ("unknown_unit", ["schedule names unit 'ghost', which the model does not have (1 unknown in all)"] * 2),
     ],
 )
@@ -368,15 +403,24 @@ def _in_place(rank: int, world: int) -> dict:
     model.double()
     ddp(make_batch("vector", rank, 9)[0].double()).sum().backward()
     relaid = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    synced = all(torch.equal(t, o) for u in ddp.units if u.name in ddp.last_stats.units for t in u.tensors for o in _gather(t))
+    synced = all(
+        torch.equal(t, o) for u in ddp.units if u.name in ddp.last_stats.units for t in u.tensors for o in _gather(t)
+    )
     try:
         model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
         ddp(make_batch("vector", rank, 9)[0].double())
         replaced = "no error"
     except RuntimeError as err:
         replaced = str(err)
-    return {"storages": len(storages), "cats": len(cats), "buckets": buckets, "relaid": len(relaid),
-            "dtype": str(model.fc1.weight.dtype), "synced_after_relayout": synced, "replaced": replaced}
+    return {
+        "storages": len(storages),
+        "cats": len(cats),
+        "buckets": buckets,
+        "relaid": len(relaid),
+        "dtype": str(model.fc1.weight.dtype),
+        "synced_after_relayout": synced,
+        "replaced": replaced,
+    }
 
 
 def test_averaging_is_in_place_on_one_flat_storage():

@@ -34,9 +34,24 @@ TIMEOUT = 240.0
 CLIP = 0.05  # small enough to bind, so clipping by the local or the averaged norm would differ
 
 _COLLECTIVES = (
-    "all_reduce", "all_reduce_coalesced", "broadcast", "all_gather", "all_gather_into_tensor",
-    "reduce_scatter", "reduce_scatter_tensor", "reduce", "all_to_all", "all_to_all_single",
-    "gather", "scatter", "all_gather_object", "broadcast_object_list", "send", "recv", "isend", "irecv",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "all_gather_object",
+    "broadcast_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
 )
 _PAYLOAD_IS_SECOND = ("all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor")
 
@@ -82,8 +97,12 @@ def _rank_env(rank: int, world: int) -> None:
 
 
 def _config(**extra) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-           "gradient_clipping": CLIP}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 6,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,
+        "gradient_clipping": CLIP,
+    }
     cfg.update(extra)
     return cfg
 
@@ -151,11 +170,13 @@ def _parity(rank: int, world: int, variant: str) -> dict:
 
     model = copy.deepcopy(base)
     if ds_optimizer is None:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(variant, model.parameters()),
-                                          config=_config(**extra))
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=_optimizer(variant, model.parameters()), config=_config(**extra)
+        )
     else:
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=_config(optimizer=ds_optimizer, **extra))
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=_config(optimizer=ds_optimizer, **extra)
+        )
     engine = ds_dreamddp.wrap(engine, schedule)
     with Collectives() as ds_calls:
         for step in range(STEPS):
@@ -178,8 +199,9 @@ def _parity(rank: int, world: int, variant: str) -> dict:
     if variant == "torch-sgd-momentum":
         # Control: the same counter sees plain DeepSpeed all-reduce every gradient.
         plain_model = copy.deepcopy(base)
-        plain, *_ = deepspeed.initialize(model=plain_model, optimizer=_optimizer(variant, plain_model.parameters()),
-                                         config=_config())
+        plain, *_ = deepspeed.initialize(
+            model=plain_model, optimizer=_optimizer(variant, plain_model.parameters()), config=_config()
+        )
         with Collectives() as plain_calls:
             x, y = _batch(rank, 0, dtype)
             plain.backward(loss_of("vector", plain(x).float(), y))
@@ -233,8 +255,11 @@ def _accumulation(rank: int, world: int) -> dict:
         ref_opt.zero_grad()
 
     model = copy.deepcopy(base)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                      config=_config(gradient_accumulation_steps=GAS))
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        config=_config(gradient_accumulation_steps=GAS),
+    )
     ds_dreamddp.wrap(engine, schedule)
     sent, counters = [], []
     for micro_step in range(2 * GAS):
@@ -248,10 +273,14 @@ def _accumulation(rank: int, world: int) -> dict:
     diff = _max_diff(_state(ref_model), _state(engine.module))
     with Collectives() as calls, engine.no_sync():  # DeepSpeed's own accumulation switch: nothing sent
         engine.backward(loss_of("vector", engine(x), y))
-    return {"sent": sent, "counters": counters, "diff": diff, "no_sync_bytes": calls.bytes(),
-            "after_no_sync": engine.dreamddp.iteration,
-            "expected": [_scheduled_bytes(base, schedule, range(h, h + 1)) for h in range(2)]}
-
+    return {
+        "sent": sent,
+        "counters": counters,
+        "diff": diff,
+        "no_sync_bytes": calls.bytes(),
+        "after_no_sync": engine.dreamddp.iteration,
+        "expected": [_scheduled_bytes(base, schedule, range(h, h + 1)) for h in range(2)],
+    }
 
 
 def test_gradient_accumulation_syncs_once_per_boundary():
@@ -281,8 +310,11 @@ def _refusals_and_section(rank: int, world: int, tmp: str) -> dict:
     for name, (extra, _) in REFUSED.items():
         torch.manual_seed(0)
         model = MLP()
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                          config=_config(zero_allow_untested_optimizer=True, **extra))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            config=_config(zero_allow_untested_optimizer=True, **extra),
+        )
         try:
             ds_dreamddp.wrap(engine, 2)
             out[name] = "accepted"
@@ -298,14 +330,18 @@ def _refusals_and_section(rank: int, world: int, tmp: str) -> dict:
     with open(config_path, "w") as f:
         json.dump(_config(dreamddp={"schedule": "plan.json", "bucket_cap_mb": 1}), f)
     engine, optimizer, _, _ = ds_dreamddp.initialize(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config_path)
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config_path
+    )
     out["section_schedule"] = engine.dreamddp.schedule == schedule
     out["section_allreduce_off"] = engine.enable_backward_allreduce is False and optimizer is engine.optimizer
-    for name, section in {"unknown-key": {"period": 2, "perriod": 3},
-                          "period-mismatch": {"period": 2, "schedule": os.path.join(tmp, "plan.json")}}.items():
+    for name, section in {
+        "unknown-key": {"period": 2, "perriod": 3},
+        "period-mismatch": {"period": 2, "schedule": os.path.join(tmp, "plan.json")},
+    }.items():
         try:
-            ds_dreamddp.initialize(model=MLP(), optimizer=torch.optim.SGD(MLP().parameters(), lr=0.1),
-                                   config=_config(dreamddp=section))
+            ds_dreamddp.initialize(
+                model=MLP(), optimizer=torch.optim.SGD(MLP().parameters(), lr=0.1), config=_config(dreamddp=section)
+            )
             out[name] = "accepted"
         except ValueError as err:
             out[name] = str(err)
@@ -345,8 +381,9 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
     _rank_env(rank, world)
     torch.manual_seed(0)
     model = MLP()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                      config=_config())
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), config=_config()
+    )
     ds_dreamddp.wrap(engine, PERIOD)
     _train(engine, rank, range(SAVED_AT))
     at_save = _state(engine.module)
@@ -359,8 +396,11 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
     # A fresh job: other initial weights, the config section instead of wrap(), then resume.
     torch.manual_seed(1234)
     model = MLP()
-    engine, *_ = ds_dreamddp.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                        config=_config(dreamddp={"period": PERIOD}))
+    engine, *_ = ds_dreamddp.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        config=_config(dreamddp={"period": PERIOD}),
+    )
     path, client = engine.load_checkpoint(ckpt)
     counter = engine.dreamddp.iteration
     _train(engine, rank, range(SAVED_AT, SAVED_AT + MORE))
@@ -377,8 +417,15 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
         missing = ""
     except ValueError as err:
         missing = str(err)
-    return {"missing": missing, "ranks_differed_at_save": _max_diff(others[0], others[1]), "path": path, "client": client,
-            "counter": counter, "diff": diff, "files": files}
+    return {
+        "missing": missing,
+        "ranks_differed_at_save": _max_diff(others[0], others[1]),
+        "path": path,
+        "client": client,
+        "counter": counter,
+        "diff": diff,
+        "files": files,
+    }
 
 
 def test_checkpoint_resumes_mid_period_with_every_ranks_local_state(tmp_path):
@@ -402,8 +449,15 @@ def test_launch_example_trains(tmp_path, launcher):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHON=sys.executable, NPROC="2", LAUNCHER=launcher, DS_ACCELERATOR="cpu")
-    proc = subprocess.run(["bash", str(root / "launch/deepspeed/run.sh"), "--steps", "2", "--save-dir", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    proc = subprocess.run(
+        ["bash", str(root / "launch/deepspeed/run.sh"), "--steps", "2", "--save-dir", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [line.get("dreamddp_iteration") for line in lines[:2]] == [1, 2], lines

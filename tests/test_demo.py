@@ -10,12 +10,34 @@ import sys
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    overrides = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16", "data.batch_size=4",
-                 "data.seq_len=16", "data.max_bytes=200000", "train.timing_warmup=1"]
-    cmd = [sys.executable, "-m", "dreamddp.demo", "--steps", "6", "--period", "2", "--link", "1gbit,1ms", "--out", str(out)]
+    overrides = [
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.n_head=2",
+        "model.block_size=16",
+        "data.batch_size=4",
+        "data.seq_len=16",
+        "data.max_bytes=200000",
+        "train.timing_warmup=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dreamddp.tools.demo",
+        "--steps",
+        "6",
+        "--period",
+        "2",
+        "--link",
+        "1gbit,1ms",
+        "--out",
+        str(out),
+    ]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for name in ("ssgd", "local_sgd", "plsgd", "dreamddp"):
         assert f"| {name} |" in proc.stdout

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dreamddp import DreamDDP, Schedule, sync_units
-from dreamddp.comm import link_from_settings
+from dreamddp.emulation.link import link_from_settings
 
 from .dist_utils import run_workers
 from .nets import MLP, TiedLM, loss_of, make_batch, make_optimizer, random_schedule, reference_partial_local_sgd
@@ -58,14 +58,24 @@ def _parity(rank: int, world: int, model_name: str, optimizer: str) -> dict:
         held_back = ddp._deferred.applied
         stalls = sum(1 for _ in [ddp.last_stats] if ddp.last_stats.forward_stall_s > 0)
         ddp.flush()
-        results[overlap] = (losses, {k: v.clone() for k, v in model.state_dict().items()},
-                            copy.deepcopy(opt.state_dict()["state"]), held_back, stalls)
+        results[overlap] = (
+            losses,
+            {k: v.clone() for k, v in model.state_dict().items()},
+            copy.deepcopy(opt.state_dict()["state"]),
+            held_back,
+            stalls,
+        )
         ddp.remove_hooks()
     b, f = results["backward"], results["forward"]
     same_params = all(torch.equal(b[1][k], f[1][k]) for k in b[1])
     same_state = all(torch.equal(b[2][i][k], f[2][i][k]) for i in b[2] for k in b[2][i] if torch.is_tensor(b[2][i][k]))
-    return {"same_losses": b[0] == f[0], "same_params": same_params, "same_state": same_state,
-            "held_back": f[3], "backward_held_back": b[3]}
+    return {
+        "same_losses": b[0] == f[0],
+        "same_params": same_params,
+        "same_state": same_state,
+        "held_back": f[3],
+        "backward_held_back": b[3],
+    }
 
 
 @pytest.mark.timeout(240)
@@ -102,8 +112,12 @@ def _slow_link_reads(rank: int, world: int) -> dict:
         ddp.flush()
         out[overlap] = (losses, stall, end_wait)
         ddp.remove_hooks()
-    return {"same": out["backward"][0] == out["forward"][0], "forward_stall": out["forward"][1],
-            "forward_end_wait": out["forward"][2], "backward_end_wait": out["backward"][2]}
+    return {
+        "same": out["backward"][0] == out["forward"][0],
+        "forward_stall": out["forward"][1],
+        "forward_end_wait": out["forward"][2],
+        "backward_end_wait": out["backward"][2],
+    }
 
 
 @pytest.mark.timeout(120)
@@ -142,7 +156,7 @@ def _delayed(rank: int, world: int, model_name: str, optimizer: str, steps: int)
                 flat_before = torch.cat([t.reshape(-1) for t in before[u]])
                 # segment k of the unit within its flat: recover the same slice of "before"
                 offset = sum(s.end - s.start for s in ddp._layout.segments[u][:k])
-                progress = flat_before[offset:offset + (seg.end - seg.start)] - inflight.snapshot[lo:hi]
+                progress = flat_before[offset : offset + (seg.end - seg.start)] - inflight.snapshot[lo:hi]
                 checks.append(after - progress)
 
     ddp._apply_landed = recording_apply
@@ -270,4 +284,6 @@ def _step_with_closure(rank: int, world: int) -> str:
 
 def test_a_step_that_cannot_be_held_back_is_refused():
     for message in run_workers(_step_with_closure, 2):
-        assert message.startswith("DreamDDP(overlap='forward') cannot hold back a step called with arguments (function)")
+        assert message.startswith(
+            "DreamDDP(overlap='forward') cannot hold back a step called with arguments (function)"
+        )

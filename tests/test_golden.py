@@ -39,13 +39,27 @@ def resnet_like() -> Profile:
     """Output-side convolutions are big and quick to differentiate; the stem is small."""
     sizes = [20_480, 2_359_296, 2_359_296, 1_179_648, 589_824, 294_912, 147_456, 73_728, 36_864, 1_728]
     windows = [0.001, 0.006, 0.006, 0.005, 0.007, 0.006, 0.008, 0.007, 0.009, 0.004]
-    names = ["fc", "layer4.1.conv2", "layer4.1.conv1", "layer4.0.conv1", "layer3.1.conv2",
-             "layer3.0.conv1", "layer2.1.conv2", "layer2.0.conv1", "layer1.0.conv1", "conv1"]
+    names = [
+        "fc",
+        "layer4.1.conv2",
+        "layer4.1.conv1",
+        "layer4.0.conv1",
+        "layer3.1.conv2",
+        "layer3.0.conv1",
+        "layer2.1.conv2",
+        "layer2.0.conv1",
+        "layer1.0.conv1",
+        "conv1",
+    ]
     units = tuple(UnitProfile(n, s, w / 2, w) for n, s, w in zip(names, sizes, windows))
     return Profile(units, forward_s=0.030, backward_s=sum(windows), optimizer_s=0.003).with_comm(COMM)
 
 
-CASES = {"transformer-h4": (transformer_like, 4), "transformer-h8": (transformer_like, 8), "resnet-h4": (resnet_like, 4)}
+CASES = {
+    "transformer-h4": (transformer_like, 4),
+    "transformer-h8": (transformer_like, 8),
+    "resnet-h4": (resnet_like, 4),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
-from dreamddp.config import load_config
-from dreamddp.train import parse_args as parse_trainer_args
+from dreamddp.training.config import load_config
+from dreamddp.training.trainer import parse_args as parse_trainer_args
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -31,9 +31,25 @@ PYTORCHJOB = REPO / "launch" / "k8s" / "pytorchjob.yaml"
 SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + [SBATCH]
 
 # Knobs of the sbatch script: cleared so the caller's environment cannot change what is tested.
-_SBATCH_KNOBS = ("NPROC_PER_NODE", "CONFIG", "MAX_RESTARTS", "RDZV_PORT", "RDZV_HOST", "RDZV_JOIN_TIMEOUT",
-                 "PYTHON", "DRY_RUN", "WAN_IFNAME", "DREAMDDP_ROOT", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
-                 "NCCL_IB_DISABLE", "NCCL_SOCKET_NTHREADS", "NCCL_NSOCKS_PERTHREAD", "CHECKPOINT_DIR", "CHECKPOINT_EVERY")
+_SBATCH_KNOBS = (
+    "NPROC_PER_NODE",
+    "CONFIG",
+    "MAX_RESTARTS",
+    "RDZV_PORT",
+    "RDZV_HOST",
+    "RDZV_JOIN_TIMEOUT",
+    "PYTHON",
+    "DRY_RUN",
+    "WAN_IFNAME",
+    "DREAMDDP_ROOT",
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_IB_DISABLE",
+    "NCCL_SOCKET_NTHREADS",
+    "NCCL_NSOCKS_PERTHREAD",
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_EVERY",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +80,9 @@ def _sbatch_env(**overrides: str) -> dict[str, str]:
 
 def _dry_run(env: dict[str, str], *args: str) -> tuple[list[str], list[str]]:
     """Run the sbatch script with DRY_RUN=1; returns (export lines, the srun command as argv)."""
-    proc = subprocess.run(["bash", str(SBATCH), *args], env=dict(env, DRY_RUN="1"),
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), *args], env=dict(env, DRY_RUN="1"), capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     exports = [line for line in lines if line.startswith("export ")]
@@ -79,7 +96,7 @@ def _torchrun_part(argv: list[str]) -> list[str]:
     assert argv[0] == "srun", argv
     i = argv.index("torch.distributed.run")
     assert argv[i - 1] == "-m"
-    return argv[i + 1:]
+    return argv[i + 1 :]
 
 
 def _fake_slurm(nodelist: str = "node[07-09],other", nnodes: str = "3", job_id: str = "4242") -> dict[str, str]:
@@ -111,7 +128,7 @@ def test_sbatch_dry_run_builds_the_torchrun_command() -> None:
     """Every knob reaches torchrun, the rendezvous is on the head node, trainer args pass through intact."""
     env = _sbatch_env(**_fake_slurm(), NPROC_PER_NODE="4", MAX_RESTARTS="5", RDZV_PORT="29555")
     _, argv = _dry_run(env, "--set", "train.steps=3", "--set", "train.link=100mbit, 20ms")
-    assert "--ntasks-per-node=1" in argv[:argv.index("-m")]
+    assert "--ntasks-per-node=1" in argv[: argv.index("-m")]
     opts, trainer = _split_torchrun(_torchrun_part(argv))
     assert opts.nnodes == "3"
     assert opts.nproc_per_node == "4"
@@ -121,22 +138,41 @@ def test_sbatch_dry_run_builds_the_torchrun_command() -> None:
     assert opts.max_restarts == 5
     assert "join_timeout=" in opts.rdzv_conf
     ckpt = str(REPO / "checkpoints" / "dreamddp-4242")  # default: under the checkout, per job
-    assert trainer == ["--config", "configs/gpt-tiny.toml", "--checkpoint-dir", ckpt, "--checkpoint-every", "200",
-                       "--set", "train.steps=3", "--set", "train.link=100mbit, 20ms"]
+    assert trainer == [
+        "--config",
+        "configs/gpt-tiny.toml",
+        "--checkpoint-dir",
+        ckpt,
+        "--checkpoint-every",
+        "200",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.link=100mbit, 20ms",
+    ]
     _check_trainer_args(trainer)
 
 
 def test_sbatch_dry_run_defaults_and_network_env() -> None:
     """Defaults: procs follow SLURM_GPUS_ON_NODE, port 29400; WAN_IFNAME sets both socket interfaces."""
-    env = _sbatch_env(**_fake_slurm(nodelist="siteA-n1,siteB-n1", nnodes="2", job_id="9"),
-                      SLURM_GPUS_ON_NODE="8", WAN_IFNAME="wan0", NCCL_IB_DISABLE="1", CONFIG="configs/llama-tiny.toml",
-                      CHECKPOINT_DIR="")
+    env = _sbatch_env(
+        **_fake_slurm(nodelist="siteA-n1,siteB-n1", nnodes="2", job_id="9"),
+        SLURM_GPUS_ON_NODE="8",
+        WAN_IFNAME="wan0",
+        NCCL_IB_DISABLE="1",
+        CONFIG="configs/llama-tiny.toml",
+        CHECKPOINT_DIR="",
+    )
     if shutil.which("scontrol") is not None:
         pytest.skip("a real scontrol is on PATH; this test checks the script's fallback without it")
     exports, argv = _dry_run(env)
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: a restarted gloo job must not reuse the previous attempt's store.
-    assert set(exports) == {"export NCCL_SOCKET_IFNAME=wan0", "export GLOO_SOCKET_IFNAME=wan0", "export NCCL_IB_DISABLE=1",
-                            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"}
+    assert set(exports) == {
+        "export NCCL_SOCKET_IFNAME=wan0",
+        "export GLOO_SOCKET_IFNAME=wan0",
+        "export NCCL_IB_DISABLE=1",
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+    }
     opts, trainer = _split_torchrun(_torchrun_part(argv))
     assert (opts.nnodes, opts.nproc_per_node, opts.rdzv_endpoint) == ("2", "8", "siteA-n1:29400")
     assert opts.max_restarts == 3
@@ -161,8 +197,9 @@ def test_sbatch_refuses_outside_an_allocation(missing: str) -> None:
     """Without Slurm's variables the script stops with a message instead of launching a broken job."""
     slurm = _fake_slurm()
     del slurm[missing]
-    proc = subprocess.run(["bash", str(SBATCH)], env=_sbatch_env(**slurm, DRY_RUN="1"),
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SBATCH)], env=_sbatch_env(**slurm, DRY_RUN="1"), capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert missing in proc.stderr
     assert "srun" not in proc.stdout
@@ -170,8 +207,13 @@ def test_sbatch_refuses_outside_an_allocation(missing: str) -> None:
 
 def test_sbatch_rejects_a_missing_config() -> None:
     """A mistyped CONFIG fails at submission time on the head node, not on every node later."""
-    proc = subprocess.run(["bash", str(SBATCH)], env=_sbatch_env(**_fake_slurm(), DRY_RUN="1", CONFIG="configs/nope.toml"),
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(SBATCH)],
+        env=_sbatch_env(**_fake_slurm(), DRY_RUN="1", CONFIG="configs/nope.toml"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2
     assert "configs/nope.toml" in proc.stderr
 
@@ -243,7 +285,9 @@ def test_pytorchjob_mounts_a_checkpoint_claim() -> None:
     """Checkpoints live on a PVC mounted in the Worker, and the claim the job names is in the file."""
     job = _job()
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
     assert claims, "no PersistentVolumeClaim volume"
     mounts = {m["name"]: m["mountPath"] for m in _worker_container(job)["volumeMounts"]}
     mounted = [name for name in claims if name in mounts]
@@ -264,8 +308,13 @@ def test_run_train_sh_trains_two_processes(tmp_path: Path) -> None:
     """The single-node launcher starts 2 gloo workers that train a few steps and write the summary."""
     log = tmp_path / "x.jsonl"
     env = dict(os.environ, NPROC="2", CONFIG="configs/gpt-tiny.toml", PYTHON=sys.executable, GLOO_SOCKET_IFNAME="lo")
-    overrides = ["train.steps=3", "train.progress=false", f"train.log={log}", "train.eval_batches=1",
-                 "data.max_bytes=300000"]
+    overrides = [
+        "train.steps=3",
+        "train.progress=false",
+        f"train.log={log}",
+        "train.eval_batches=1",
+        "data.max_bytes=300000",
+    ]
     cmd = ["bash", str(REPO / "launch" / "run_train.sh")]
     for o in overrides:
         cmd += ["--set", o]

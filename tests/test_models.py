@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamddp.models import MODELS, build_model, model_task
-from dreamddp.models.gpt import GPT, GPTConfig
-from dreamddp.models.llama import Llama, LlamaConfig, RMSNorm, apply_rotary, rotary_tables
-from dreamddp.models.resnet import ResNet, ResNetConfig
+from dreamddp.training.models import MODELS, build_model, model_task
+from dreamddp.training.models.gpt import GPT, GPTConfig
+from dreamddp.training.models.llama import Llama, LlamaConfig, RMSNorm, apply_rotary, rotary_tables
+from dreamddp.training.models.resnet import ResNet, ResNetConfig
 
 TINY_LM = {"vocab_size": 32, "block_size": 16, "n_layer": 2, "n_head": 2, "d_model": 16}
 

@@ -17,9 +17,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).parents[1]
-TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16", "data.batch_size=4",
-        "data.seq_len=16", "data.max_bytes=200000", "train.period=2", "train.progress=false",
-        "train.timing_warmup=1"]
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.block_size=16",
+    "data.batch_size=4",
+    "data.seq_len=16",
+    "data.max_bytes=200000",
+    "train.period=2",
+    "train.progress=false",
+    "train.timing_warmup=1",
+]
 
 
 def _free_ports(n: int) -> int:
@@ -46,8 +55,19 @@ def _free_ports(n: int) -> int:
 
 
 def _start(tmp: Path, overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dreamddp.train",
-           "--config", str(REPO / "configs" / "gpt-tiny.toml"), "--set", f"train.log={tmp}/log.jsonl"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "dreamddp.train",
+        "--config",
+        str(REPO / "configs" / "gpt-tiny.toml"),
+        "--set",
+        f"train.log={tmp}/log.jsonl",
+    ]
     for item in TINY + overrides:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo"}
@@ -84,8 +104,10 @@ def _scrape(port: int) -> dict[str, dict]:
 @pytest.mark.timeout(180)
 def test_metrics_endpoint_is_scraped_during_a_run(tmp_path):
     port = _free_ports(2)
-    proc = _start(tmp_path, ["train.algorithm=\"dreamddp\"", "train.steps=150", "train.link=\"10mbit,10ms\"",
-                             f"train.metrics_port={port}"])
+    proc = _start(
+        tmp_path,
+        ['train.algorithm="dreamddp"', "train.steps=150", 'train.link="10mbit,10ms"', f"train.metrics_port={port}"],
+    )
     try:
         seen: dict[int, dict] = {}
         deadline = time.monotonic() + 120
@@ -102,8 +124,12 @@ def test_metrics_endpoint_is_scraped_during_a_run(tmp_path):
         assert len(seen) == 2, f"could not scrape both ranks mid-run; trainer rc={proc.poll()}"
         for rank, families in seen.items():
             label = (("rank", str(rank)),)
-            for name in ("dreamddp_iteration_seconds", "dreamddp_compute_seconds", "dreamddp_comm_exposed_seconds",
-                         "dreamddp_comm_hidden_seconds"):
+            for name in (
+                "dreamddp_iteration_seconds",
+                "dreamddp_compute_seconds",
+                "dreamddp_comm_exposed_seconds",
+                "dreamddp_comm_hidden_seconds",
+            ):
                 assert families[name][(f"{name}_count", label)] >= 2, name
             assert families["dreamddp_sent_bytes"][("dreamddp_sent_bytes_total", label)] > 0
             assert families["dreamddp_units_synced"][("dreamddp_units_synced", label)] >= 1
@@ -113,9 +139,12 @@ def test_metrics_endpoint_is_scraped_during_a_run(tmp_path):
             # Behind a 10 Mbit/s, 10 ms link some communication was hidden behind backward.
             assert families["dreamddp_comm_hidden_seconds"][("dreamddp_comm_hidden_seconds_sum", label)] > 0
         # Bound to loopback only, unless told otherwise.
-        listeners = [c for child in psutil.Process(proc.pid).children(recursive=True)
-                     for c in child.net_connections(kind="tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port in (port, port + 1)]
+        listeners = [
+            c
+            for child in psutil.Process(proc.pid).children(recursive=True)
+            for c in child.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in (port, port + 1)
+        ]
         assert {c.laddr.ip for c in listeners} == {"127.0.0.1"}, listeners
         err = _finish(proc, tmp_path, timeout=120)
         assert proc.returncode == 0, err[-2000:]
@@ -126,8 +155,16 @@ def test_metrics_endpoint_is_scraped_during_a_run(tmp_path):
 @pytest.mark.timeout(180)
 def test_trace_shows_each_ranks_compute_and_bucket_lanes(tmp_path):
     trace_path = tmp_path / "trace.json"
-    proc = _start(tmp_path, ["train.algorithm=\"dreamddp\"", "train.steps=8", "train.link=\"100mbit,2ms\"",
-                             f"train.trace={json.dumps(str(trace_path))}", "train.trace_steps=4"])
+    proc = _start(
+        tmp_path,
+        [
+            'train.algorithm="dreamddp"',
+            "train.steps=8",
+            'train.link="100mbit,2ms"',
+            f"train.trace={json.dumps(str(trace_path))}",
+            "train.trace_steps=4",
+        ],
+    )
     err = _finish(proc, tmp_path, timeout=150)
     assert proc.returncode == 0, err[-2000:]
     trace = json.loads(trace_path.read_text())
@@ -149,8 +186,12 @@ def test_trace_shows_each_ranks_compute_and_bucket_lanes(tmp_path):
                 assert e["ts"] >= fwd["ts"] + fwd["dur"] - 1, (e, fwd)
                 assert e["args"]["bytes"] > 0 and e["name"]
             # Per-unit backward slices nest inside (or right at the end of) backward.
-            units = [e for e in mine if e["args"].get("what") == "backward of unit" and bwd["ts"] - 1 <= e["ts"]
-                     <= bwd["ts"] + bwd["dur"] + 1]
+            units = [
+                e
+                for e in mine
+                if e["args"].get("what") == "backward of unit"
+                and bwd["ts"] - 1 <= e["ts"] <= bwd["ts"] + bwd["dur"] + 1
+            ]
             assert units
         # Same event shape as the simulator's trace, so the two open side by side.
         for e in mine:

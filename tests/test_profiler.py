@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dreamddp.comm import LinkSpec, SimulatedLink
+from dreamddp.emulation.link import LinkSpec, SimulatedLink
 from profiler import CommModel, Profile, profile_comm, profile_compute
 
 from .dist_utils import run_workers
@@ -64,7 +64,9 @@ def test_tied_parameters_once_and_parameter_free_modules_are_not_units():
     lm = TiedLM()
     lm.act = nn.ReLU()  # owns nothing
     opt = torch.optim.SGD(lm.parameters(), lr=0.1)
-    profile = profile_compute(lm, lambda s: make_batch("lm", 0, s), lambda o, y: loss_of("lm", o, y), iters=2, warmup=0, optimizer=opt)
+    profile = profile_compute(
+        lm, lambda s: make_batch("lm", 0, s), lambda o, y: loss_of("lm", o, y), iters=2, warmup=0, optimizer=opt
+    )
     assert profile.names == ["mix", "embed"]  # embed's gradient completes last (its earliest use)
     assert profile.units[1].nbytes == lm.embed.weight.numel() * 4
     assert profile.optimizer_s > 0
@@ -76,7 +78,13 @@ def test_models_without_parameters_are_rejected(model):
         profile_compute(model, lambda s: (torch.ones(1), None), lambda o, y: o.sum())
 
 
-@pytest.mark.parametrize("kwargs,message", [({"iters": 0}, "iters must be an integer >= 1, got 0"), ({"warmup": -1}, "warmup must be an integer >= 0, got -1")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"iters": 0}, "iters must be an integer >= 1, got 0"),
+        ({"warmup": -1}, "warmup must be an integer >= 0, got -1"),
+    ],
+)
 def test_bad_iteration_counts(kwargs, message):
     with pytest.raises(ValueError, match=message):
         profile_compute(nn.Linear(2, 2), lambda s: (torch.ones(1, 2), None), lambda o, y: o.sum(), **kwargs)
@@ -107,7 +115,10 @@ def test_profile_json_round_trip_and_bad_files(tmp_path):
     for mutate, message in [
         (lambda d: d.update(format="dreamddp.profile/0"), "format 'dreamddp.profile/0' is not 'dreamddp.profile/1'"),
         (lambda d: d["units"][0].update(backward_s=-1), "unit 'u0' backward_s must be a finite number >= 0, got -1"),
-        (lambda d: d["units"][1].update(forward_s=math.nan), "unit 'u1' forward_s must be a finite number >= 0, got nan"),
+        (
+            lambda d: d["units"][1].update(forward_s=math.nan),
+            "unit 'u1' forward_s must be a finite number >= 0, got nan",
+        ),
         (lambda d: d["units"][0].pop("bytes"), "malformed profile"),
         (lambda d: d.update(units=[]), "a profile needs at least one unit"),
     ]:
@@ -136,11 +147,38 @@ def test_profile_cli_under_torchrun(tmp_path):
 
     repo = Path(__file__).parents[1]
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dreamddp.cli",
-           "profile", "--config", str(repo / "configs" / "gpt-tiny.toml"), "--out", str(out), "--iters", "3",
-           "--warmup", "1", "--sizes", "4096,65536", "--repeats", "2"]
-    for o in ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.batch_size=2", "data.seq_len=16",
-              "model.block_size=16", "data.max_bytes=200000", "train.link=100mbit,5ms"]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "dreamddp.cli",
+        "profile",
+        "--config",
+        str(repo / "configs" / "gpt-tiny.toml"),
+        "--out",
+        str(out),
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--sizes",
+        "4096,65536",
+        "--repeats",
+        "2",
+    ]
+    for o in [
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.n_head=2",
+        "data.batch_size=2",
+        "data.seq_len=16",
+        "model.block_size=16",
+        "data.max_bytes=200000",
+        "train.link=100mbit,5ms",
+    ]:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,8 +208,13 @@ def _observed(rank: int, world: int) -> dict:
     model = nn.Sequential(*[SizedSleepyLayer(0.005, b, w) for b, w in zip(BWD, widths)])
     base = profile_compute(model, lambda s: (torch.ones(2, 4), None), lambda o, _: o.sum(), iters=1, warmup=0)
     link = SimulatedLink(LinkSpec.parse("80mbit,10ms"), world)
-    ddp = DreamDDP(model, Schedule.every_step([u.name for u in sync_units(model)]), bucket_cap_mb=0.001,
-                   link=link, record_timings=True)
+    ddp = DreamDDP(
+        model,
+        Schedule.every_step([u.name for u in sync_units(model)]),
+        bucket_cap_mb=0.001,
+        link=link,
+        record_timings=True,
+    )
     for _ in range(4):
         ddp(torch.ones(2, 4)).sum().backward()
         model.zero_grad()
@@ -202,7 +245,11 @@ def test_profile_cli_rejects_bad_counts_in_one_line(flag, value):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "dreamddp.cli", "profile", "--out", "x.json", flag, value],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dreamddp.cli", "profile", "--out", "x.json", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "dreamddp profile: error: need --iters >= 1" in proc.stderr

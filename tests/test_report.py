@@ -9,16 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from dreamddp.bench import report
+from dreamddp.tools.bench import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(algorithm, iter_s, predicted=None, **extra):
-    run = {"algorithm": algorithm, "iter_s": iter_s, "iter_s_median": iter_s, "predicted_iter_s": predicted,
-           "comm_wait_s": None, "bytes_per_iter": 3.3e6, "peak_rss_mb": 560.0, "final_loss": 2.9,
-           "val_loss": 2.95, "note": ""}
+    run = {
+        "algorithm": algorithm,
+        "iter_s": iter_s,
+        "iter_s_median": iter_s,
+        "predicted_iter_s": predicted,
+        "comm_wait_s": None,
+        "bytes_per_iter": 3.3e6,
+        "peak_rss_mb": 560.0,
+        "final_loss": 2.9,
+        "val_loss": 2.95,
+        "note": "",
+    }
     run.update(extra)
     return run
 
@@ -26,17 +35,43 @@ def _run(algorithm, iter_s, predicted=None, **extra):
 def grid():
     # Slow link: dreamddp 0.9/0.28 = 3.21x ssgd (met), 0.36/0.28 = 1.29x local_sgd (met),
     # 0.28/0.25 = 1.12x the lower bound (missed); ssgd's prediction is off by (0.9-0.8)/0.8 = +12.5%.
-    slow = {"link": "100mbit,20ms", "network": "netns", "delay": "software", "measured_rate_bps": 95.6e6,
-            "note": "", "compute_s": 0.214, "lower_bound_s": 0.25,
-            "runs": [_run("ssgd", 0.9, 0.8), _run("local_sgd", 0.36, 0.35), _run("dreamddp", 0.28, 0.27)]}
+    slow = {
+        "link": "100mbit,20ms",
+        "network": "netns",
+        "delay": "software",
+        "measured_rate_bps": 95.6e6,
+        "note": "",
+        "compute_s": 0.214,
+        "lower_bound_s": 0.25,
+        "runs": [_run("ssgd", 0.9, 0.8), _run("local_sgd", 0.36, 0.35), _run("dreamddp", 0.28, 0.27)],
+    }
     # Fast link: dreamddp takes 0.205/0.2 = 1.025x ssgd's time (met); no local_sgd, no lower bound.
-    fast = {"link": "1gbit,1ms", "network": "simulated", "delay": "simulated", "measured_rate_bps": None,
-            "note": "", "compute_s": 0.2, "lower_bound_s": None,
-            "runs": [_run("ssgd", 0.2), _run("dreamddp", 0.205, peak_rss_mb=None)]}
-    return {"format": "dreamddp.bench/1", "config": "configs/gpt-tiny.toml", "overrides": ["data.batch_size=32"],
-            "model": "gpt", "params": 830000, "period": 4, "steps": 40, "sites": 2, "procs_per_site": 2,
-            "world_size": 4, "command": "python benchmarks/run.py", "started": "2026-11-25T10:00:00Z",
-            "machine": "2 cores", "links": [slow, fast]}
+    fast = {
+        "link": "1gbit,1ms",
+        "network": "simulated",
+        "delay": "simulated",
+        "measured_rate_bps": None,
+        "note": "",
+        "compute_s": 0.2,
+        "lower_bound_s": None,
+        "runs": [_run("ssgd", 0.2), _run("dreamddp", 0.205, peak_rss_mb=None)],
+    }
+    return {
+        "format": "dreamddp.bench/1",
+        "config": "configs/gpt-tiny.toml",
+        "overrides": ["data.batch_size=32"],
+        "model": "gpt",
+        "params": 830000,
+        "period": 4,
+        "steps": 40,
+        "sites": 2,
+        "procs_per_site": 2,
+        "world_size": 4,
+        "command": "python benchmarks/run.py",
+        "started": "2026-11-25T10:00:00Z",
+        "machine": "2 cores",
+        "links": [slow, fast],
+    }
 
 
 def convergence():
@@ -44,18 +79,38 @@ def convergence():
         return [{"step": s, "time_s": t, "val_loss": v} for s, t, v in points]
 
     runs = [
-        {"algorithm": "ssgd", "steps_done": 50, "iter_s": 0.4, "final_val_loss": 2.6,
-         "curve": curve((25, 10.0, 3.0), (50, 20.0, 2.6))},
+        {
+            "algorithm": "ssgd",
+            "steps_done": 50,
+            "iter_s": 0.4,
+            "final_val_loss": 2.6,
+            "curve": curve((25, 10.0, 3.0), (50, 20.0, 2.6)),
+        },
         # Crosses 2.6 halfway between (8 s, 2.7) and (12 s, 2.5): 10 s, so 20/10 = 2.00x ssgd.
-        {"algorithm": "dreamddp", "steps_done": 100, "iter_s": 0.16, "final_val_loss": 2.4,
-         "curve": curve((25, 4.0, 2.9), (50, 8.0, 2.7), (75, 12.0, 2.5), (100, 16.0, 2.4))},
+        {
+            "algorithm": "dreamddp",
+            "steps_done": 100,
+            "iter_s": 0.16,
+            "final_val_loss": 2.4,
+            "curve": curve((25, 4.0, 2.9), (50, 8.0, 2.7), (75, 12.0, 2.5), (100, 16.0, 2.4)),
+        },
         # Cut by the budget at 40 iterations and never reaches 2.6.
-        {"algorithm": "local_sgd", "steps_done": 40, "iter_s": 0.24, "final_val_loss": 3.0,
-         "curve": curve((25, 6.0, 3.2), (40, 9.6, 3.0))},
+        {
+            "algorithm": "local_sgd",
+            "steps_done": 40,
+            "iter_s": 0.24,
+            "final_val_loss": 3.0,
+            "curve": curve((25, 6.0, 3.2), (40, 9.6, 3.0)),
+        },
     ]
-    return {"format": "dreamddp.convergence/1", "link": "100mbit,20ms", "network": "simulated", "period": 4,
-            "command": "python benchmarks/convergence.py",
-            "models": [{"config": "configs/gpt-tiny.toml", "model": "gpt", "steps": 50, "budget_s": 20.0, "runs": runs}]}
+    return {
+        "format": "dreamddp.convergence/1",
+        "link": "100mbit,20ms",
+        "network": "simulated",
+        "period": 4,
+        "command": "python benchmarks/convergence.py",
+        "models": [{"config": "configs/gpt-tiny.toml", "model": "gpt", "steps": 50, "budget_s": 20.0, "runs": runs}],
+    }
 
 
 def _row(markdown, first_cell, after=""):
@@ -110,8 +165,16 @@ def test_target_without_comparison_run_is_unknown():
 
 def test_convergence_table():
     md = report.convergence_table(convergence())
-    assert _row(md, "dreamddp") == ["dreamddp", "100", "0.160", "2.700", f"{(2.7 - 2.6) / 2.6 * 100:+.1f}%",
-                                    "2.400", "10.0", "2.00x"]
+    assert _row(md, "dreamddp") == [
+        "dreamddp",
+        "100",
+        "0.160",
+        "2.700",
+        f"{(2.7 - 2.6) / 2.6 * 100:+.1f}%",
+        "2.400",
+        "10.0",
+        "2.00x",
+    ]
     assert _row(md, "ssgd")[6:] == ["20.0", "1.00x"]
     local = _row(md, "local_sgd")
     assert local[3] == "3.000 (at 40)"
@@ -120,8 +183,10 @@ def test_convergence_table():
 
 def test_plots_are_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    for plot, data, name in ((report.plot_iteration_times, grid(), "it.png"),
-                             (report.plot_convergence, convergence(), "conv.png")):
+    for plot, data, name in (
+        (report.plot_iteration_times, grid(), "it.png"),
+        (report.plot_convergence, convergence(), "conv.png"),
+    ):
         plot(data, tmp_path / name)
         content = (tmp_path / name).read_bytes()
         assert len(content) > len(PNG_SIGNATURE) and content[:8] == PNG_SIGNATURE
@@ -161,9 +226,14 @@ def test_wrong_kind_and_missing_file(tmp_path, capsys):
 
 def test_wrapper_script(tmp_path):
     bad = _write(tmp_path, "bad.json", {"format": "x"})
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), "--results", str(bad),
-                           "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "report.py"), "--results", str(bad), "--out", str(tmp_path / "out")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("dreamddp report: error:"), proc.stderr
 
 
@@ -173,10 +243,21 @@ def test_forward_variants_are_held_to_the_paper_modes_loss():
     runs = data["models"][0]["runs"]
     paper = next(r for r in runs if r["algorithm"] == "dreamddp")["curve"]  # 2.7 at N = 50
     for name, loss in (("dreamddp-forward", 2.7 * 1.03), ("dreamddp-delayed", 2.7 * 0.6)):
-        runs.append({"algorithm": name, "steps_done": 50, "iter_s": 0.15, "final_val_loss": loss,
-                     "curve": [dict(p, val_loss=loss if p["step"] == 50 else p["val_loss"]) for p in paper[:2]]})
+        runs.append(
+            {
+                "algorithm": name,
+                "steps_done": 50,
+                "iter_s": 0.15,
+                "final_val_loss": loss,
+                "curve": [dict(p, val_loss=loss if p["step"] == 50 else p["val_loss"]) for p in paper[:2]],
+            }
+        )
     md = report.convergence_table(data)
-    assert "- dreamddp-forward: validation loss at iteration 50 is +3.0% from the paper-mode dreamddp's " \
-           "(target: at most 2% above it, missed)" in md
-    assert "- dreamddp-delayed: validation loss at iteration 50 is -40.0% from the paper-mode dreamddp's " \
-           "(target: at most 2% above it, met)" in md
+    assert (
+        "- dreamddp-forward: validation loss at iteration 50 is +3.0% from the paper-mode dreamddp's "
+        "(target: at most 2% above it, missed)" in md
+    )
+    assert (
+        "- dreamddp-delayed: validation loss at iteration 50 is -40.0% from the paper-mode dreamddp's "
+        "(target: at most 2% above it, met)" in md
+    )

@@ -21,21 +21,57 @@ import pytest
 import torch
 
 REPO = Path(__file__).parents[1]
-TINY_GPT = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16", "model.dropout=0.1",
-            "data.batch_size=4", "data.seq_len=16", "data.max_bytes=200000", "train.steps=10", "train.period=4",
-            "train.timing_warmup=1", "train.progress=false", "train.lr_schedule=\"cosine\"", "train.lr_warmup=2",
-            "train.optimizer=\"sgd\"", "train.momentum=0.9", "train.lr=0.05"]
+TINY_GPT = [
+    "model.n_layer=1",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.block_size=16",
+    "model.dropout=0.1",
+    "data.batch_size=4",
+    "data.seq_len=16",
+    "data.max_bytes=200000",
+    "train.steps=10",
+    "train.period=4",
+    "train.timing_warmup=1",
+    "train.progress=false",
+    'train.lr_schedule="cosine"',
+    "train.lr_warmup=2",
+    'train.optimizer="sgd"',
+    "train.momentum=0.9",
+    "train.lr=0.05",
+]
 
 
-def _torchrun(tmp: Path, name: str, overrides: list[str], *, max_restarts: int = 0, fault: str = "") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "dreamddp.train",
-           "--config", str(REPO / "configs" / "gpt-tiny.toml"), "--set", f"train.log={tmp / name}.jsonl",
-           "--checkpoint-dir", str(tmp / name)]
+def _torchrun(
+    tmp: Path, name: str, overrides: list[str], *, max_restarts: int = 0, fault: str = ""
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.2",
+        "-m",
+        "dreamddp.train",
+        "--config",
+        str(REPO / "configs" / "gpt-tiny.toml"),
+        "--set",
+        f"train.log={tmp / name}.jsonl",
+        "--checkpoint-dir",
+        str(tmp / name),
+    ]
     for item in TINY_GPT + overrides:
         cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo",
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "DREAMDDP_FAULT": fault}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "DREAMDDP_FAULT": fault,
+    }
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp)
 
 
@@ -72,14 +108,19 @@ def _assert_same(a, b, where: str) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("algorithm", ["dreamddp", "local_sgd", "post_local_sgd", "ssgd"])
 def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
-    extra = [f"train.algorithm=\"{algorithm}\""]
+    extra = [f'train.algorithm="{algorithm}"']
     if algorithm == "post_local_sgd":
         extra.append("train.post_local_warmup=2")
     reference = _torchrun(tmp_path, "reference", extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    run = _torchrun(tmp_path, "killed", extra + ["train.checkpoint_every=3", "train.checkpoint_average=true"],
-                    max_restarts=1, fault="kill@1:7")
+    run = _torchrun(
+        tmp_path,
+        "killed",
+        extra + ["train.checkpoint_every=3", "train.checkpoint_average=true"],
+        max_restarts=1,
+        fault="kill@1:7",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     # The survivor said, in one line, who stopped and where; no Python traceback from the trainer.
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("dreamddp train: error:")]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dreamddp import Schedule, sync_units
-from dreamddp.schedule import split_equal_bytes
+from dreamddp.core.schedule import split_equal_bytes
 
 from .nets import MLP, TiedLM
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dreamddp import Schedule, plan, simulate
-from dreamddp.scheduler import brute_force, contiguous_optimal, fill_in, paper_dfs, simulate_method, total_exposed
+from dreamddp.planning import brute_force, contiguous_optimal, fill_in, paper_dfs, simulate_method, total_exposed
 from profiler import Profile
 
 times = st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False)
@@ -51,7 +51,9 @@ def test_searches_are_ordered_and_exact(instance):
     assert contiguous == pytest.approx(best_contiguous_by_enumeration(profile, period), abs=1e-9)
     planned = plan(profile, period, fill=False)
     assert total_exposed(profile, planned) <= contiguous + 1e-9
-    assert total_exposed(profile, planned) == pytest.approx(total_exposed(profile, brute_force(profile, period)), abs=1e-9)
+    assert total_exposed(profile, planned) == pytest.approx(
+        total_exposed(profile, brute_force(profile, period)), abs=1e-9
+    )
     for s in (planned, contiguous_optimal(profile, period), paper_dfs(profile, period)):
         assert covers_once(s, profile)
 
@@ -141,15 +143,37 @@ def test_plan_cli_writes_a_schedule_and_reprices(tmp_path):
     src = tmp_path / "p.json"
     profile.to_json(src)
     out = tmp_path / "s.json"
-    proc = subprocess.run([sys.executable, "-m", "dreamddp.cli", "plan", "--profile", str(src), "--period", "3",
-                           "--link", "10mbit,20ms", "--out", str(out), "--trace", str(tmp_path / "t.json")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dreamddp.cli",
+            "plan",
+            "--profile",
+            str(src),
+            "--period",
+            "3",
+            "--link",
+            "10mbit,20ms",
+            "--out",
+            str(out),
+            "--trace",
+            str(tmp_path / "t.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "lower bound" in proc.stdout and "dreamddp + fill-in" in proc.stdout
     schedule = Schedule.from_json(out)
     assert schedule.period == 3 and covers_once(schedule, profile)
-    bad = subprocess.run([sys.executable, "-m", "dreamddp.cli", "plan", "--profile", str(src), "--period", "0",
-                          "--out", str(out)], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dreamddp.cli", "plan", "--profile", str(src), "--period", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == "dreamddp plan: error: period must be an integer >= 1, got 0"
 
 
@@ -169,7 +193,7 @@ def coalescing_instances(draw, max_units=7):
 @settings(max_examples=150, deadline=None)
 @given(coalescing_instances())
 def test_coalesced_cost_model_searches_are_exact(instance):
-    from dreamddp.scheduler.search import _Instance, _cost_matrix
+    from dreamddp.planning.search import _cost_matrix, _Instance
 
     profile, period, cap = instance
     inst = _Instance(profile, period, cap)
@@ -180,7 +204,8 @@ def test_coalesced_cost_model_searches_are_exact(instance):
     contiguous = total_exposed(profile, contiguous_optimal(profile, period))
     assert contiguous <= total_exposed(profile, paper_dfs(profile, period)) + 1e-9
     assert total_exposed(profile, plan(profile, period, fill=False)) == pytest.approx(
-        total_exposed(profile, brute_force(profile, period)), abs=1e-9)
+        total_exposed(profile, brute_force(profile, period)), abs=1e-9
+    )
 
 
 def test_coalescing_pays_one_latency_per_bucket():

@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dreamddp import Schedule, plan, simulate
-from dreamddp.scheduler import (
+from dreamddp.planning import (
     best_forward,
     brute_force_forward,
     fill_in,
     simulate_method,
     with_delays,
 )
-from dreamddp.scheduler.cli import main as plan_main
+from dreamddp.planning.cli import main as plan_main
 from profiler import CommModel, Profile
 
 times = st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False)
@@ -48,10 +48,18 @@ def test_stall_before_the_input_side_units_forward():
     assert t.overlap == "forward" and t.steady and t.periods == 1
     assert it.iteration_s == pytest.approx(0.47) and it.exposed_s == pytest.approx(0.15)
     assert t.stall_by_unit == {"u1": pytest.approx(0.15)}
-    assert spans(it) == [("wait", 0.0, 0.15, "u1"), ("optimizer", 0.15, 0.01, "u1"), ("forward", 0.16, 0.05, ""),
-                         ("optimizer", 0.21, 0.01, "u0"), ("forward", 0.22, 0.05, ""), ("backward", 0.27, 0.2, "")]
+    assert spans(it) == [
+        ("wait", 0.0, 0.15, "u1"),
+        ("optimizer", 0.15, 0.01, "u1"),
+        ("forward", 0.16, 0.05, ""),
+        ("optimizer", 0.21, 0.01, "u0"),
+        ("forward", 0.22, 0.05, ""),
+        ("backward", 0.27, 0.2, ""),
+    ]
     assert [(e.unit, e.start_s, e.end_s) for e in it.events] == [
-        ("u0", pytest.approx(0.1), pytest.approx(0.25)), ("u1", pytest.approx(0.25), pytest.approx(0.35))]
+        ("u0", pytest.approx(0.1), pytest.approx(0.25)),
+        ("u1", pytest.approx(0.25), pytest.approx(0.35)),
+    ]
     # u1's all-reduce ends 0.27 + 0.35 = 0.62 s into an iteration of 0.47 s: it spills over.
     assert it.backward_start_s + it.events[-1].end_s > it.iteration_s
     # The input side has no window in either mode: the same time as the paper's mode here.
@@ -75,9 +83,15 @@ def test_comm_spills_into_the_next_iteration_and_a_delay_hides_it():
     assert (h0.iteration_s, h1.iteration_s) == (pytest.approx(0.55), pytest.approx(0.31))
     assert t.period_s == pytest.approx(0.86) and t.exposed_s == pytest.approx(0.22)
     assert t.stall_by_unit == {"u1": pytest.approx(0.17), "u0": pytest.approx(0.05)}
-    assert spans(h0) == [("wait", 0.0, 0.17, "u1"), ("forward", 0.17, 0.05, ""), ("wait", 0.22, 0.05, "u0"),
-                         ("optimizer", 0.27, 0.01, "u0"), ("forward", 0.28, 0.05, ""), ("backward", 0.33, 0.2, ""),
-                         ("optimizer", 0.53, 0.02, "")]
+    assert spans(h0) == [
+        ("wait", 0.0, 0.17, "u1"),
+        ("forward", 0.17, 0.05, ""),
+        ("wait", 0.22, 0.05, "u0"),
+        ("optimizer", 0.27, 0.01, "u0"),
+        ("forward", 0.28, 0.05, ""),
+        ("backward", 0.33, 0.2, ""),
+        ("optimizer", 0.53, 0.02, ""),
+    ]
     assert spans(h1) == [("forward", 0.0, 0.1, ""), ("backward", 0.1, 0.2, ""), ("optimizer", 0.3, 0.01, "")]
     [(unit, start, end)] = [(e.unit, e.start_s, e.end_s) for e in h1.events]
     assert unit == "u0" and (start, end) == (pytest.approx(0.38), pytest.approx(0.48))  # queued behind u1
@@ -92,9 +106,15 @@ def test_comm_spills_into_the_next_iteration_and_a_delay_hides_it():
     assert {e["name"] for e in compute} == {"forward", "backward", "wait", "optimizer"}
     waits = [(e["ts"], e["args"]["unit"]) for e in compute if e["name"] == "wait"]
     assert waits[:2] == [(pytest.approx(0.0), "u1"), (pytest.approx(0.22e6), "u0")]
-    comm = [(e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in trace["traceEvents"]
-            if e["ph"] == "X" and e["tid"] == 1]
-    assert comm[:2] == [("u1", pytest.approx(0.53), pytest.approx(1.03)), ("u0", pytest.approx(1.03), pytest.approx(1.13))]
+    comm = [
+        (e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6)
+        for e in trace["traceEvents"]
+        if e["ph"] == "X" and e["tid"] == 1
+    ]
+    assert comm[:2] == [
+        ("u1", pytest.approx(0.53), pytest.approx(1.03)),
+        ("u0", pytest.approx(1.03), pytest.approx(1.13)),
+    ]
 
 
 def test_a_unit_is_usable_when_its_whole_bucket_is_done():
@@ -102,7 +122,8 @@ def test_a_unit_is_usable_when_its_whole_bucket_is_done():
     # ready (end of backward): u0, though ready at 0.1, lands with it. Next iteration u1 stalls
     # the whole 0.25 s at once (O = 0: nothing to defer), u0 is then usable too.
     p = Profile.synthetic([0.1, 0.1], [0.0, 0.0], forward_s=[0.05, 0.05], nbytes=[1000, 1000]).with_comm(
-        CommModel(0.05, 1e-4))
+        CommModel(0.05, 1e-4)
+    )
     t = simulate(p, Schedule.every_step(p.names), overlap="forward")
     [it] = t.iterations
     assert [(e.unit, e.start_s, e.end_s) for e in it.events] == [("u0+u1", pytest.approx(0.2), pytest.approx(0.45))]
@@ -137,11 +158,13 @@ def forward_instances(draw, max_units=6, max_period=4):
     nbytes = draw(st.lists(st.integers(0, 4000), min_size=n, max_size=n))
     optimizer = draw(st.floats(0.0, 0.5))
     if draw(st.booleans()):
-        p = Profile.synthetic(backward, draw(st.lists(st.floats(0.0, 2.0), min_size=n, max_size=n)), forward,
-                              optimizer, nbytes)
+        p = Profile.synthetic(
+            backward, draw(st.lists(st.floats(0.0, 2.0), min_size=n, max_size=n)), forward, optimizer, nbytes
+        )
     else:
         p = Profile.synthetic(backward, [0.0] * n, forward, optimizer, nbytes).with_comm(
-            CommModel(draw(st.floats(0.0, 0.5)), draw(st.floats(0.0, 5e-4))))
+            CommModel(draw(st.floats(0.0, 0.5)), draw(st.floats(0.0, 5e-4)))
+        )
     its = st.lists(st.integers(0, period - 1), min_size=1, max_size=2)
     assignment = {name: draw(its) for name in p.names}
     plain = Schedule(period, assignment, overlap="forward")
@@ -198,15 +221,20 @@ def test_forward_plan_beats_the_paper_modes_schedules_and_fill_in_costs_nothing(
 def test_local_search_path_against_brute_force(monkeypatch):
     import random
 
-    from dreamddp.scheduler import search
+    from dreamddp.planning import search
 
     monkeypatch.setattr(search, "EXACT_FORWARD_EVALS", 0)  # force seeds + local search
     rng = random.Random(7)
     worse = 0
     for _ in range(30):
         n, period = rng.randint(3, 5), rng.randint(2, 3)
-        p = Profile.synthetic([rng.random() for _ in range(n)], [rng.random() * 1.5 for _ in range(n)],
-                              [rng.random() for _ in range(n)], rng.random() * 0.3, [rng.randint(1, 100) for _ in range(n)])
+        p = Profile.synthetic(
+            [rng.random() for _ in range(n)],
+            [rng.random() * 1.5 for _ in range(n)],
+            [rng.random() for _ in range(n)],
+            rng.random() * 0.3,
+            [rng.randint(1, 100) for _ in range(n)],
+        )
         found = simulate(p, best_forward(p, period)).period_s
         truth = simulate(p, brute_force_forward(p, period)).period_s
         assert found >= truth - 1e-9
@@ -232,17 +260,26 @@ def test_delays_buy_time_only_where_needed():
 # ------------------------------------------------------------------------ schedule and JSON
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"delays": {"ghost": 1}}, r"delay 1 given for unit 'ghost', which the schedule does not average"),
-    ({"delays": {"a": -1}}, r"unit 'a' has delay -1; a delay must be an integer >= 0"),
-    ({"delays": {"a": 1.5}}, r"unit 'a' has delay 1.5; a delay must be an integer >= 0"),
-    ({"delays": {"a": True}}, r"unit 'a' has delay True; a delay must be an integer >= 0"),
-    ({"delays": {"a": 4}}, r"unit 'a' has delay 4, but it is averaged again 4 iteration\(s\) later; its delay must be < 4"),
-    ({"delays": {"b": 2}}, r"unit 'b' has delay 2, but it is averaged again 2 iteration\(s\) later; its delay must be < 2"),
-    ({"delays": {"a": 1}, "overlap": "backward"}, r"unit 'a' has delay 1, but delays need overlap='forward'"),
-    ({"delays": ["a"]}, r"schedule delays must map unit names to iterations, got list"),
-    ({"overlap": "both"}, r"schedule overlap must be 'backward' or 'forward', got 'both'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"delays": {"ghost": 1}}, r"delay 1 given for unit 'ghost', which the schedule does not average"),
+        ({"delays": {"a": -1}}, r"unit 'a' has delay -1; a delay must be an integer >= 0"),
+        ({"delays": {"a": 1.5}}, r"unit 'a' has delay 1.5; a delay must be an integer >= 0"),
+        ({"delays": {"a": True}}, r"unit 'a' has delay True; a delay must be an integer >= 0"),
+        (
+            {"delays": {"a": 4}},
+            r"unit 'a' has delay 4, but it is averaged again 4 iteration\(s\) later; its delay must be < 4",
+        ),
+        (
+            {"delays": {"b": 2}},
+            r"unit 'b' has delay 2, but it is averaged again 2 iteration\(s\) later; its delay must be < 2",
+        ),
+        ({"delays": {"a": 1}, "overlap": "backward"}, r"unit 'a' has delay 1, but delays need overlap='forward'"),
+        ({"delays": ["a"]}, r"schedule delays must map unit names to iterations, got list"),
+        ({"overlap": "both"}, r"schedule overlap must be 'backward' or 'forward', got 'both'"),
+    ],
+)
 def test_bad_delays_are_one_line_errors_naming_the_unit_and_value(kwargs, message):
     kwargs = {"overlap": "forward", **kwargs}
     with pytest.raises(ValueError, match=message) as err:
@@ -284,7 +321,9 @@ def test_plan_arguments_are_checked():
 
 def test_plan_cli_prints_both_modes_and_writes_the_forward_schedule(tmp_path, capsys):
     profile = Profile.synthetic([0.01] * 6, [0.0] * 6, forward_s=0.02, optimizer_s=0.002, nbytes=[100_000] * 6)
-    profile = Profile(profile.units, profile.forward_s, profile.backward_s, profile.optimizer_s, metadata={"world_size": 2})
+    profile = Profile(
+        profile.units, profile.forward_s, profile.backward_s, profile.optimizer_s, metadata={"world_size": 2}
+    )
     src, out, trace = tmp_path / "p.json", tmp_path / "s.json", tmp_path / "t.json"
     profile.to_json(src)
     args = ["--profile", str(src), "--period", "3", "--link", "10mbit,20ms", "--out", str(out)]

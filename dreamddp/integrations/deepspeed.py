@@ -48,11 +48,11 @@ except ImportError as err:  # pragma: no cover - exercised only where deepspeed 
         f"dreamddp.integrations.deepspeed needs DeepSpeed ({err}); install it with: pip install 'dreamddp[deepspeed]'"
     ) from err
 
-from ..checkpoint import save_atomic
-from ..comm import SimulatedLink, link_from_settings
-from ..ddp import DreamDDP
-from ..schedule import Schedule
-from ..units import sync_units
+from dreamddp.core.ddp import DreamDDP
+from dreamddp.core.schedule import Schedule
+from dreamddp.core.units import sync_units
+from dreamddp.emulation.link import SimulatedLink, link_from_settings
+from dreamddp.ops.checkpoint import save_atomic
 
 __all__ = ["CLIENT_STATE_KEY", "CONFIG_SECTION", "check_supported", "initialize", "wrap"]
 
@@ -108,15 +108,17 @@ def check_supported(engine: DeepSpeedEngine) -> None:
         )
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is None or type(optimizer).__name__ == "DummyOptim":
-        raise ValueError("DreamDDP needs a training engine: pass an optimizer (or an \"optimizer\" config section)")
+        raise ValueError('DreamDDP needs a training engine: pass an optimizer (or an "optimizer" config section)')
     if optimizer is not getattr(engine, "basic_optimizer", optimizer):
         raise ValueError(
             f"DreamDDP cannot run with DeepSpeed's {type(optimizer).__name__}: it keeps fp32 master weights, so the "
             "averaged low-precision weights would be overwritten from the un-averaged master copy at the next step; "
-            "drop the \"bf16\"/\"fp16\" section and use \"torch_autocast\" (fp32 weights) or a bf16 model"
+            'drop the "bf16"/"fp16" section and use "torch_autocast" (fp32 weights) or a bf16 model'
         )
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"DreamDDP needs a torch.optim.Optimizer over the model's parameters, got {type(optimizer).__name__}")
+        raise ValueError(
+            f"DreamDDP needs a torch.optim.Optimizer over the model's parameters, got {type(optimizer).__name__}"
+        )
     if type(optimizer).__name__ in _SELF_SYNCING_OPTIMIZERS:
         raise ValueError(
             f"DreamDDP cannot run with {type(optimizer).__name__}: it all-reduces compressed momentum inside every "
@@ -149,7 +151,7 @@ def check_supported(engine: DeepSpeedEngine) -> None:
     if deepcompile is not None and deepcompile():
         raise ValueError(
             "DreamDDP cannot run with DeepCompile: it replaces the engine's backward communication with compiled "
-            "graph passes that DreamDDP's hooks do not see; disable \"compile\".\"deepcompile\""
+            'graph passes that DreamDDP\'s hooks do not see; disable "compile"."deepcompile"'
         )
 
 
@@ -257,7 +259,9 @@ class _EngineAdapter:
         return nn.utils.clip_grad_norm_(params, self.engine.gradient_clipping())
 
     # ----------------------------------------------------------- checkpoints
-    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    def save_checkpoint(
+        self, save_dir: str, tag: Any = None, client_state: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
         """DeepSpeed's ``save_checkpoint``, plus the counter and every rank's local state.
 
         Each rank writes its weights, optimizer state and DreamDDP state to
@@ -286,8 +290,14 @@ class _EngineAdapter:
         return self._save(save_dir, tag, client_state=state, **kwargs)
 
     def load_checkpoint(
-        self, load_dir: str, tag: Any = None, load_module_strict: bool = True, load_optimizer_states: bool = True,
-        load_lr_scheduler_states: bool = True, load_module_only: bool = False, **kwargs: Any,
+        self,
+        load_dir: str,
+        tag: Any = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        **kwargs: Any,
     ) -> tuple[str | None, dict[str, Any] | None]:
         """DeepSpeed's ``load_checkpoint``, then this rank's own state and the counter.
 
@@ -296,8 +306,13 @@ class _EngineAdapter:
         DeepSpeed would load it.
         """
         path, client = self._load(
-            load_dir, tag, load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only, **kwargs,
+            load_dir,
+            tag,
+            load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states,
+            load_module_only=load_module_only,
+            **kwargs,
         )
         if path is None:
             return path, client
@@ -313,7 +328,8 @@ class _EngineAdapter:
             self.ddp.set_extra_state(counter)
             warnings.warn(
                 f"checkpoint {tag_dir} has DreamDDP's counter but no per-rank files: every rank resumes from rank 0's "
-                "weights", stacklevel=2,
+                "weights",
+                stacklevel=2,
             )
         return path, client
 
@@ -333,8 +349,10 @@ class _EngineAdapter:
                 if not isinstance(state, dict) or state.get("format") != _LOCAL_STATE_FORMAT:
                     problem = f"{path} is not a DreamDDP rank state"
                 elif state.get("world_size") != world:
-                    problem = (f"checkpoint {tag_dir} was written by {state.get('world_size')} ranks, this run has "
-                               f"{world}; load it with load_module_only=True to start every rank from rank 0's weights")
+                    problem = (
+                        f"checkpoint {tag_dir} was written by {state.get('world_size')} ranks, this run has "
+                        f"{world}; load it with load_module_only=True to start every rank from rank 0's weights"
+                    )
             except (OSError, RuntimeError, ValueError, EOFError) as err:
                 problem = f"{path} cannot be read ({err})"
         found: list[Any] = [None] * world
@@ -344,9 +362,11 @@ class _EngineAdapter:
                 raise ValueError(theirs if other == rank else f"rank {other}: {theirs}")
         missing = [r for r, (has, _) in enumerate(found) if not has]
         if missing and len(missing) < world:
-            raise ValueError(f"checkpoint {tag_dir} has no DreamDDP state for rank(s) "
-                             f"{', '.join(map(str, missing))} ({_local_state_name(missing[0])}): every rank's local "
-                             "state is needed; load it with load_module_only=True to start from rank 0's weights")
+            raise ValueError(
+                f"checkpoint {tag_dir} has no DreamDDP state for rank(s) "
+                f"{', '.join(map(str, missing))} ({_local_state_name(missing[0])}): every rank's local "
+                "state is needed; load it with load_module_only=True to start from rank 0's weights"
+            )
         return state
 
     def _load_local_state(self, state: dict[str, Any], strict: bool, load_optimizer: bool) -> None:
@@ -414,7 +434,7 @@ def _parse_section(section: Any, base: Path) -> dict[str, Any]:
         if period is not None and period != schedule.period:
             raise ValueError(f"{where}: period {period} differs from the period {schedule.period} of {path}")
     if schedule is None:
-        raise ValueError(f"{where} needs \"period\" or \"schedule\"")
+        raise ValueError(f'{where} needs "period" or "schedule"')
     bucket = section.get("bucket_cap_mb", 25.0)
     if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not bucket > 0:
         raise ValueError(f"{where}: bucket_cap_mb must be a number > 0, got {bucket!r}")
@@ -444,4 +464,3 @@ def _is_pipeline(engine: DeepSpeedEngine) -> bool:
     except ImportError:  # pragma: no cover - layout of older releases
         return False
     return isinstance(engine, PipelineEngine)
-

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from dreamddp.data.synthetic import SyntheticTokens
 from dreamddp.integrations import deepspeed as dreamddp_ds
-from dreamddp.models.gpt import GPT, GPTConfig
+from dreamddp.training.data.synthetic import SyntheticTokens
+from dreamddp.training.models.gpt import GPT, GPTConfig
 
 
 def main() -> None:
@@ -56,9 +56,19 @@ def main() -> None:
             engine.step()
         stats = engine.dreamddp.last_stats
         if dist.get_rank() == 0:
-            print(json.dumps({"step": engine.global_steps, "loss": round(loss.item(), 4),
-                              "dreamddp_iteration": engine.dreamddp.iteration, "phase": stats.phase,
-                              "units_averaged": len(stats.units), "bytes_sent": stats.bytes_sent}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": engine.global_steps,
+                        "loss": round(loss.item(), 4),
+                        "dreamddp_iteration": engine.dreamddp.iteration,
+                        "phase": stats.phase,
+                        "units_averaged": len(stats.units),
+                        "bytes_sent": stats.bytes_sent,
+                    }
+                ),
+                flush=True,
+            )
     if args.save_dir:
         engine.save_checkpoint(args.save_dir)  # every rank's local state: resume continues mid-period
     engine.dreamddp.average_all()  # one model for evaluation or export

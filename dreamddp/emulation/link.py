@@ -1,0 +1,364 @@
+"""A software-simulated slow link, and the link specification shared with ``tc``.
+
+``SimulatedLink`` makes a laptop behave like sites joined by a slow wide-area link: each
+collective occupies a serial channel for ``latency + wire_bytes / bandwidth`` from the moment
+it is issued (or the channel frees up), and waiting for it returns no earlier than that.
+Compute that runs meanwhile hides the delay exactly as it would hide a real transfer, so
+overlap shows up in wall-clock time. Real kernel throttling (``tc``) is ``dreamddp.emulation.netns``.
+
+A link whose rate is ``inf`` (``"inf,20ms"``) adds latency only, on top of whatever the real
+network does: that is how ``dreamddp cluster`` adds the WAN delay on kernels without
+``netem``, where ``tc`` can shape the rate but not delay packets.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "LinkSpec",
+    "SimulatedLink",
+    "Booking",
+    "SOFTWARE_DELAY_ENV",
+    "link_from_settings",
+    "describe_link",
+    "sleep_until",
+]
+
+_RATE_UNITS = {  # tc's spelling: "bit" suffixes are bits/s, "bps" suffixes are bytes/s
+    "bit": 1.0,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "tbit": 1e12,
+    "bps": 8.0,
+    "kbps": 8e3,
+    "mbps": 8e6,
+    "gbps": 8e9,
+    "tbps": 8e12,
+}
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link's bandwidth (bits per second) and latency per collective (seconds).
+
+    ``bandwidth_bps`` may be ``math.inf``: a latency-only link, for adding delay on top of a
+    network whose rate is already real (``tc``-shaped).
+    """
+
+    bandwidth_bps: float
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bps > 0:
+            raise ValueError(f"link bandwidth must be > 0 bit/s, got {self.bandwidth_bps!r}")
+        if not self.latency_s >= 0:
+            raise ValueError(f"link latency must be >= 0 s, got {self.latency_s!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> LinkSpec:
+        """Parse ``"100mbit,20ms"`` (tc units: bit/kbit/mbit/gbit, or kbps/mbps/... for bytes/s).
+
+        The latency part is optional (``"1gbit"``) and takes s/ms/us. A rate of ``inf`` means
+        latency only (``"inf,20ms"``).
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) > 2:
+            raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
+        if parts[0].lower() in ("inf", "unlimited"):
+            bandwidth = math.inf
+        else:
+            bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text)
+        latency = _parse_quantity(parts[1], _TIME_UNITS, "delay", text) if len(parts) == 2 else 0.0
+        if bandwidth <= 0:
+            raise ValueError(f"malformed link {text!r}: rate must be > 0")
+        return cls(bandwidth_bps=bandwidth, latency_s=latency)
+
+    @property
+    def latency_only(self) -> bool:
+        return math.isinf(self.bandwidth_bps)
+
+    def __str__(self) -> str:
+        return f"{_format_rate(self.bandwidth_bps)},{self.latency_s * 1e3:g}ms"
+
+
+def _parse_quantity(part: str, units: dict[str, float], what: str, text: str) -> float:
+    match = _QUANTITY.match(part)
+    allowed = "/".join(units)
+    if not match:
+        raise ValueError(f"malformed link {text!r}: {what} {part!r} is not a number with a unit ({allowed})")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if unit not in units:
+        raise ValueError(f"malformed link {text!r}: unknown {what} unit {match.group(2)!r} (use {allowed})")
+    return value * units[unit]
+
+
+def _format_rate(bps: float) -> str:
+    if math.isinf(bps):
+        return "inf"
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:g}{unit}"
+    return f"{bps:g}bit"
+
+
+class _DeadlineThread:
+    """One daemon thread that runs callbacks at given monotonic times (for DDP comm hooks)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._counter = itertools.count()
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="dreamddp-simulated-link", daemon=True)
+        self._thread.start()
+
+    def call_at(self, deadline: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (deadline, next(self._counter), fn))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap:
+                    self._cv.wait()
+                deadline, _, fn = self._heap[0]
+                delay = deadline - time.perf_counter()
+                if delay > 0:
+                    self._cv.wait(timeout=delay)
+                    continue
+                heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # one bad callback must not stop every later future on the link
+                pass
+
+
+@dataclass
+class LinkStats:
+    collectives: int = 0
+    bytes: int = 0  # payload bytes handed to collectives on this rank
+    busy_s: float = 0.0  # channel time: simulated transfer, or added latency plus measured transfer
+
+
+class Booking:
+    """One collective on a link: when it was issued, and when its result may be used.
+
+    ``release`` is known once the real collective has completed and ``SimulatedLink.complete``
+    has run; ``wait_release`` blocks until then (the completion callback may run on the
+    backend's thread a moment after ``work.wait()`` returns).
+    """
+
+    __slots__ = ("seq", "issued", "nbytes", "deadline", "finished", "release", "_done", "_callbacks", "_cb_lock")
+
+    def __init__(self, seq: int, issued: float, nbytes: int, deadline: float | None) -> None:
+        self.seq = seq
+        self.finished: float | None = None
+        self.issued = issued
+        self.nbytes = nbytes
+        self.deadline = deadline  # bandwidth-simulating links: known when issued
+        self.release: float | None = None
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[float], None]] = []
+        self._cb_lock = threading.Lock()
+
+    def _set_release(self, release: float) -> None:
+        with self._cb_lock:
+            self.release = release
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(release)
+        self._done.set()  # after the callbacks: a waiter then sees what they recorded
+
+    def when_released(self, fn: Callable[[float], None]) -> None:
+        """Call ``fn(release)`` once the release time is known (now, if it already is)."""
+        with self._cb_lock:
+            if self.release is None:
+                self._callbacks.append(fn)
+                return
+        fn(self.release)
+
+    def wait_release(self) -> float:
+        self._done.wait()
+        assert self.release is not None
+        return self.release
+
+
+@dataclass
+class SimulatedLink:
+    """A serial channel with a bandwidth and a latency, applied to collectives in software.
+
+    With a finite bandwidth, an all-reduce of ``n`` payload bytes among ``world_size`` ranks
+    occupies the channel for ``latency + 2 (w-1)/w * n * 8 / bandwidth`` — the per-rank
+    traffic of a ring all-reduce — starting when it is issued or when the previous collective
+    leaves the channel, whichever is later; its result is usable at that deadline or when the
+    real collective completes, whichever is later.
+
+    With ``bandwidth = inf`` (latency only) the transfer time is the real one, measured: the
+    result of collective ``i`` is usable at ``max(issued_i, release_{i-1}) + latency + (real
+    transfer time of i)``, so every collective pays the latency after its real transfer and
+    back-to-back collectives pay it in series, as they would on a link with that delay.
+
+    One rank needs no link: with ``world_size == 1`` every collective is free.
+    """
+
+    spec: LinkSpec
+    world_size: int
+    stats: LinkStats = field(default_factory=LinkStats)
+
+    def __post_init__(self) -> None:
+        self._channel_free = 0.0
+        self._next_seq = 0  # next booking to hand out
+        self._next_done = 0  # next booking whose completion is applied
+        self._finished: dict[int, Booking] = {}  # completed out of order, waiting for earlier ones
+        self._last_real_done = 0.0
+        self._last_release = 0.0
+        self._lock = threading.Lock()
+        self._timer: _DeadlineThread | None = None
+
+    def all_reduce_seconds(self, nbytes: int) -> float:
+        """Simulated channel time of one all-reduce (the transfer part is 0 on a latency-only link)."""
+        if self.world_size <= 1:
+            return 0.0
+        wire = 2.0 * (self.world_size - 1) / self.world_size * nbytes
+        return self.spec.latency_s + wire * 8.0 / self.spec.bandwidth_bps
+
+    def book(self, nbytes: int) -> Booking:
+        """Record an all-reduce of ``nbytes`` issued now; ``complete`` it when the real one is done."""
+        now = time.perf_counter()
+        with self._lock:
+            seq, self._next_seq = self._next_seq, self._next_seq + 1
+            self.stats.collectives += 1
+            self.stats.bytes += nbytes
+            if self.spec.latency_only or self.world_size <= 1:
+                return Booking(seq, now, nbytes, None)
+            seconds = self.all_reduce_seconds(nbytes)
+            start = max(now, self._channel_free)
+            self._channel_free = start + seconds
+            self.stats.busy_s += seconds
+            return Booking(seq, now, nbytes, self._channel_free)
+
+    def complete(self, booking: Booking, finished: float | None = None) -> float | None:
+        """The real collective behind ``booking`` finished at ``finished`` (default: now).
+
+        Releases are decided in issue order, as on a serial channel: gloo may finish two
+        collectives out of order (it runs them on two threads), and then the later one waits
+        here for the earlier one. Returns the release time, or None while an earlier booking
+        is still outstanding (``booking.wait_release()`` then waits for it).
+        """
+        booking.finished = time.perf_counter() if finished is None else finished
+        released: list[Booking] = []
+        with self._lock:
+            self._finished[booking.seq] = booking
+            while self._next_done in self._finished:
+                ready = self._finished.pop(self._next_done)
+                self._next_done += 1
+                ready.release = self._release_time(ready)
+                released.append(ready)
+        for ready in released:
+            ready._set_release(ready.release)
+        return booking.release
+
+    def _release_time(self, booking: Booking) -> float:
+        finished = booking.finished
+        assert finished is not None
+        if self.world_size <= 1:
+            release = finished
+        elif booking.deadline is not None:
+            release = max(finished, booking.deadline)
+        else:
+            transfer = max(0.0, finished - max(booking.issued, self._last_real_done))
+            release = max(booking.issued, self._last_release) + self.spec.latency_s + transfer
+            self.stats.busy_s += self.spec.latency_s + transfer
+        self._last_real_done = max(self._last_real_done, finished)
+        self._last_release = max(self._last_release, release)
+        return release
+
+    def track(self, work: dist.Work, booking: Booking) -> None:
+        """Complete ``booking`` from ``work``'s own completion callback (exact completion time)."""
+        work.get_future().add_done_callback(lambda _fut: self.complete(booking))
+
+    def delay_future(
+        self, fut: torch.futures.Future, booking: Booking, device: torch.device | None = None
+    ) -> torch.futures.Future:
+        """A future with ``fut``'s result that completes no earlier than ``booking``'s release.
+
+        ``device``: where the result lives; a CUDA result needs a future that knows its device.
+        """
+        if self._timer is None:
+            self._timer = _DeadlineThread()
+        timer = self._timer
+        devices = [device] if device is not None and device.type == "cuda" else None
+        out: torch.futures.Future = torch.futures.Future(devices=devices)
+
+        def on_done(done: torch.futures.Future) -> None:
+            self.complete(booking)  # also on failure: later bookings must not wait for this one
+            try:
+                value = done.value()
+            except Exception as err:  # surface the collective's own failure unchanged
+                out.set_exception(err)
+                return
+
+            def finish() -> None:
+                try:
+                    out.set_result(value)
+                except Exception as err:
+                    out.set_exception(err)
+
+            # The release may wait for an earlier booking; never block the backend's thread on it.
+            booking.when_released(lambda release: timer.call_at(release, finish))
+
+        fut.add_done_callback(on_done)
+        return out
+
+
+SOFTWARE_DELAY_ENV = "DREAMDDP_SOFTWARE_DELAY"
+
+
+def link_from_settings(link: str, world_size: int) -> SimulatedLink | None:
+    """The configured simulated link; else the software delay an emulated cluster asks for.
+
+    ``dreamddp cluster run`` sets ``DREAMDDP_SOFTWARE_DELAY`` where the kernel cannot delay
+    packets (no ``netem``): the rate is then real (``tc``) and only the latency is added here.
+    """
+    if link:
+        return SimulatedLink(LinkSpec.parse(link), world_size)
+    delay = os.environ.get(SOFTWARE_DELAY_ENV, "").strip()
+    if delay:
+        try:
+            return SimulatedLink(LinkSpec.parse(f"inf,{delay}"), world_size)
+        except ValueError as err:
+            raise ValueError(f"{SOFTWARE_DELAY_ENV}={delay!r} is not a delay such as 20ms ({err})") from None
+    return None
+
+
+def describe_link(link: SimulatedLink | None) -> str:
+    if link is None:
+        return "real network"
+    if link.spec.latency_only:
+        return f"real network + {link.spec.latency_s * 1e3:g}ms software delay per collective"
+    return f"simulated {link.spec}"
+
+
+def sleep_until(deadline: float | None) -> None:
+    if deadline is None:
+        return
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)

@@ -1,0 +1,94 @@
+"""Plan a schedule from a profile, and predict its timeline."""
+
+from __future__ import annotations
+
+from dreamddp.core.schedule import OVERLAPS, Schedule
+from dreamddp.planning.profile import Profile
+from dreamddp.planning.search import (
+    best,
+    best_forward,
+    brute_force,
+    brute_force_forward,
+    contiguous_optimal,
+    equal_bytes,
+    fill_in,
+    paper_dfs,
+    total_exposed,
+    with_delays,
+)
+from dreamddp.planning.simulate import Timeline, check_overlap, simulate, simulate_method
+
+__all__ = [
+    "METHODS",
+    "OVERLAPS",
+    "Timeline",
+    "best",
+    "best_forward",
+    "brute_force",
+    "brute_force_forward",
+    "contiguous_optimal",
+    "fill_in",
+    "paper_dfs",
+    "plan",
+    "simulate",
+    "simulate_method",
+    "total_exposed",
+    "with_delays",
+]
+
+METHODS = ("dreamddp", "contiguous", "paper", "plsgd", "local_sgd")
+
+
+def plan(
+    profile: Profile,
+    period: int,
+    method: str = "dreamddp",
+    fill: bool = True,
+    time_budget_s: float = 0.5,
+    overlap: str = "backward",
+    max_delay: int = 0,
+) -> Schedule:
+    """A schedule for ``profile`` with period ``period``, for the wrapper's ``overlap`` mode.
+
+    ``dreamddp``: the unrestricted search (exact for small models), then fill-in;
+    ``contiguous``: the best contiguous schedule; ``paper``: the paper's DFS; ``plsgd``: equal
+    bytes; ``local_sgd``: everything at the last iteration. A period longer than the number of
+    units is allowed: some iterations then average nothing.
+
+    ``overlap="forward"``: ``dreamddp`` searches under the forward-overlap model
+    (``best_forward``); the other methods keep their schedules, which are then simulated and
+    filled in under that model. ``max_delay`` (forward only) lets units' averages land up to
+    that many iterations later where that saves time, at the cost of a parameter snapshot.
+    """
+    if not isinstance(profile, Profile):
+        raise TypeError(f"plan() needs a profiler.Profile, got {type(profile).__name__}")
+    check_overlap(overlap)
+    if isinstance(max_delay, bool) or not isinstance(max_delay, int) or max_delay < 0:
+        raise ValueError(f"max_delay must be an integer >= 0, got {max_delay!r}")
+    if max_delay and overlap != "forward":
+        raise ValueError(
+            f"max_delay={max_delay} needs overlap='forward': with backward overlap every average "
+            "is waited for before the step"
+        )
+    if overlap == "forward" and method == "dreamddp":
+        schedule = best_forward(profile, period, max_delay, time_budget_s)
+        return fill_in(schedule, profile) if fill else schedule
+    if method == "dreamddp":
+        schedule = best(profile, period, time_budget_s)
+    elif method == "contiguous":
+        schedule = contiguous_optimal(profile, period)
+    elif method == "paper":
+        schedule = paper_dfs(profile, period)
+    elif method == "plsgd":
+        schedule = equal_bytes(profile, period)
+    elif method == "local_sgd":
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be an integer >= 1, got {period!r}")
+        schedule = Schedule.local_sgd(profile.names, period)
+    else:
+        raise ValueError(f"unknown planning method {method!r}; choose one of: {', '.join(METHODS)}")
+    if overlap == "forward":
+        schedule = with_delays(schedule, profile, max_delay)
+    if fill and method in ("dreamddp", "contiguous", "paper"):
+        schedule = fill_in(schedule, profile)
+    return schedule

@@ -1,0 +1,180 @@
+"""``dreamddp plan``: a schedule from a profile, with the predicted time of every method.
+
+    dreamddp plan --profile profile.json --period 8 --out schedule.json [--link 100mbit,20ms]
+                  [--overlap backward|forward] [--max-delay D]
+
+``--link`` re-prices communication for another link without re-profiling (alpha = its delay,
+beta from its rate and the ring all-reduce's traffic at the profile's world size).
+``--overlap`` is the wrapper's mode the schedule is planned for: ``backward`` (the paper: all
+averages waited for before the step) or ``forward`` (each unit's average waited for before
+its next forward); ``--max-delay D`` (forward only) lets averages land up to D iterations
+later where that saves time, for a parameter snapshot each. The table predicts every method
+under both modes, with each time's ratio to the lower bound.
+``--period auto`` picks the smallest H whose predicted DreamDDP iteration time (for the chosen
+overlap) is within 5% of the lower bound (up to H = 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from dreamddp.emulation.link import LinkSpec
+from dreamddp.ops.outputs import check_writable
+from dreamddp.planning import fill_in, plan, simulate, simulate_method
+from dreamddp.planning.profile import CommModel, Profile
+
+__all__ = ["main", "predictions", "reprice"]
+
+AUTO_LIMIT = 64
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dreamddp plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="profile JSON from `dreamddp profile`")
+    parser.add_argument("--period", required=True, help="H, or 'auto'")
+    parser.add_argument("--out", required=True, help="where to write the schedule JSON")
+    parser.add_argument("--link", help="re-price comm for this link, e.g. 100mbit,20ms")
+    parser.add_argument(
+        "--method", default="dreamddp", choices=["dreamddp", "contiguous", "paper", "plsgd", "local_sgd"]
+    )
+    parser.add_argument("--no-fill", action="store_true", help="no extra syncs in idle link time")
+    parser.add_argument(
+        "--overlap",
+        default="backward",
+        choices=["backward", "forward"],
+        help="the wrapper's overlap mode to plan for (default: backward, the paper's)",
+    )
+    parser.add_argument(
+        "--max-delay",
+        type=int,
+        default=0,
+        metavar="D",
+        help="forward overlap: averages may land up to D iterations late (default 0: off)",
+    )
+    parser.add_argument("--trace", help="also write the predicted timeline as a Chrome/Perfetto trace")
+    return parser.parse_args(argv)
+
+
+def reprice(profile: Profile, link: LinkSpec) -> Profile:
+    world = int(profile.metadata.get("world_size", 2))
+    ring = 2.0 * (world - 1) / world if world > 1 else 0.0
+    return profile.with_comm(CommModel(link.latency_s, ring * 8.0 / link.bandwidth_bps, None, (), str(link)))
+
+
+Row = tuple[str, "float | None", "float | None"]
+
+
+def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Row]:
+    """Predicted seconds per iteration of each method at this period: (name, with the paper's
+    backward overlap, with forward overlap), None where a mode does not apply.
+
+    plsgd and the paper's schedule are the same schedule in both columns; dreamddp is planned
+    for each mode. The baselines as trained always block, so they have no forward figure.
+    """
+
+    def both(schedule) -> tuple[float, float]:
+        return (
+            simulate(profile, schedule, overlap="backward").iteration_s,
+            simulate(profile, schedule, overlap="forward").iteration_s,
+        )
+
+    backward = plan(profile, period, fill=False)
+    forward = plan(profile, period, fill=False, overlap="forward")
+    rows: list[Row] = [
+        ("ssgd (torch DDP)", simulate_method(profile, "ssgd", 1).iteration_s, None),
+        ("local_sgd", simulate_method(profile, "local_sgd", period).iteration_s, None),
+        ("plsgd", *both(plan(profile, period, "plsgd"))),
+        ("paper (contiguous DFS)", *both(plan(profile, period, "paper", fill=False))),
+        ("dreamddp, no fill-in", simulate(profile, backward).iteration_s, simulate(profile, forward).iteration_s),
+        (
+            "dreamddp + fill-in",
+            simulate(profile, fill_in(backward, profile)).iteration_s,
+            simulate(profile, fill_in(forward, profile)).iteration_s,
+        ),
+    ]
+    if max_delay:
+        delayed = plan(profile, period, fill=False, overlap="forward", max_delay=max_delay)
+        rows.append((f"dreamddp, delays <= {max_delay}", None, simulate(profile, delayed).iteration_s))
+    lower = simulate(profile, backward).lower_bound_s / period
+    return rows + [("lower bound", lower, lower)]
+
+
+def auto_period(profile: Profile, overlap: str = "backward", max_delay: int = 0) -> int:
+    for period in range(1, AUTO_LIMIT + 1):
+        t = simulate(
+            profile, plan(profile, period, fill=False, time_budget_s=0.1, overlap=overlap, max_delay=max_delay)
+        )
+        if t.iteration_s <= 1.05 * t.lower_bound_s / period:
+            return period
+    return AUTO_LIMIT
+
+
+def _cells(seconds: float | None, ssgd: float, lower: float) -> str:
+    if seconds is None:
+        return f"{'-':>10} {'-':>8} {'-':>8}"
+    speedup = ssgd / seconds if seconds > 0 else float("inf")
+    ratio = seconds / lower if lower > 0 else 1.0
+    return f"{seconds:>10.4f} {ratio:>7.2f}x {speedup:>7.2f}x"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        profile = Profile.from_json(args.profile)
+        for flag in ("out", "trace"):
+            if getattr(args, flag):
+                check_writable(f"--{flag}", getattr(args, flag))  # before planning, which may take a while
+        if args.link:
+            profile = reprice(profile, LinkSpec.parse(args.link))
+        if args.max_delay < 0:
+            raise ValueError(f"--max-delay must be an integer >= 0, got {args.max_delay}")
+        if args.max_delay and args.overlap != "forward":
+            raise ValueError(
+                "--max-delay needs --overlap forward: with backward overlap every average is waited for before the step"
+            )
+        if args.period == "auto":
+            period = auto_period(profile, args.overlap, args.max_delay)
+        else:
+            try:
+                period = int(args.period)
+            except ValueError:
+                raise ValueError(f"--period must be an integer >= 1 or 'auto', got {args.period!r}") from None
+        schedule = plan(
+            profile, period, args.method, fill=not args.no_fill, overlap=args.overlap, max_delay=args.max_delay
+        )
+        world = profile.metadata.get("world_size")
+        if isinstance(world, int) and "world_size" not in schedule.metadata:
+            # The trainer refuses a schedule planned for another world size; it can only if this is recorded.
+            schedule = dataclasses.replace(schedule, metadata={**schedule.metadata, "world_size": world})
+    except ValueError as err:
+        print(f"dreamddp plan: error: {err}", file=sys.stderr)
+        return 2
+    schedule.to_json(args.out)
+    rows = predictions(profile, period, args.max_delay)
+    ssgd, lower = rows[0][1], rows[-1][1]
+    link = args.link or profile.metadata.get("link", "as profiled")
+    print(f"predicted time per iteration, H = {period}{' (auto)' if args.period == 'auto' else ''}, link {link}:")
+    print(f"{'':<26} {'backward overlap (paper)':>28} {'forward overlap':>28}")
+    header = f"{'s / iter':>10} {'/ bound':>8} {'vs ssgd':>8}"
+    print(f"{'method':<26} {header} {header}")
+    for name, backward_s, forward_s in rows:
+        print(f"{name:<26} {_cells(backward_s, ssgd, lower)} {_cells(forward_s, ssgd, lower)}")
+    predicted = simulate(profile, schedule)
+    print(
+        f"\n{args.method} schedule for {args.overlap} overlap ({schedule.syncs_per_period()} syncs per period"
+        f"{f', {len(schedule.delays)} units delayed' if schedule.delays else ''}): predicted "
+        f"{predicted.iteration_s:.4f} s / iteration, {predicted.bound_ratio:.2f}x the lower bound"
+        f"{f', peak snapshot {predicted.peak_snapshot_bytes / 2**20:.2f} MiB' if schedule.delays else ''};"
+        f" written to {args.out}"
+    )
+    if args.trace:
+        simulate(profile, schedule).write_chrome_trace(args.trace)
+        print(f"predicted timeline written to {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

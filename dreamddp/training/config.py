@@ -1,0 +1,247 @@
+"""Typed training configuration: TOML files plus ``--set section.key=value`` overrides.
+
+A config has three sections. ``[model]`` names a model and passes the rest to its config
+dataclass (validated there). ``[data]`` and ``[train]`` map onto the dataclasses below, which
+validate every value when built, so a typo or a bad number fails before any process group
+exists, with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from dreamddp.emulation.link import LinkSpec
+
+__all__ = ["ALGORITHMS", "DataConfig", "TrainConfig", "ExperimentConfig", "load_config", "apply_overrides"]
+
+ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib-bytes"
+    batch_size: int = 8
+    seq_len: int = 64
+    max_bytes: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        from dreamddp.training.data import DATASETS
+
+        if self.name not in DATASETS:
+            raise ValueError(f"data.name {self.name!r} is unknown; choose one of: {', '.join(DATASETS)}")
+        _positive_int("data.batch_size", self.batch_size)
+        _positive_int("data.seq_len", self.seq_len)
+        _positive_int("data.max_bytes", self.max_bytes)
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "dreamddp"
+    steps: int = 100
+    period: int = 4  # H: iterations per averaging period (local methods)
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+    seed: int = 0
+    bucket_cap_mb: float = 25.0
+    schedule: str = ""  # schedule JSON for algorithm "dreamddp"; empty = PLSGD's contiguous groups
+    overlap: str = ""  # plsgd/dreamddp: "backward" (the paper), "forward", or "" = what the schedule was planned for
+    link: str = ""  # simulated link, e.g. "100mbit,20ms"; empty = the real network as it is
+    post_local_warmup: int = 0  # post_local_sgd: S-SGD iterations before local SGD starts
+    eval_every: int = 0  # 0 = evaluate at the end only
+    eval_batches: int = 8
+    time_budget_s: float = 0.0  # >0: stop at the first evaluation after this much training time
+    log: str = "runs/train.jsonl"
+    timing_warmup: int = 3  # iterations left out of the summary's timing
+    timeout_s: float = 300.0  # process-group timeout: a dead or hung rank fails the run after this
+    backend: str = "auto"  # auto = nccl with CUDA, else gloo
+    progress: bool = True
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at train.steps)
+    lr_warmup: int = 0  # iterations of linear warm-up before the schedule
+    checkpoint_dir: str = ""  # per-rank checkpoints here; a run finding one there resumes from it
+    checkpoint_every: int = 0  # iterations between checkpoints; 0 = only at the end (with checkpoint_dir)
+    checkpoint_keep: int = 2  # complete checkpoints kept
+    checkpoint_average: bool = False  # also write rank 0's copy of the averaged model (averaged.pt)
+    metrics_port: int = 0  # >0: Prometheus /metrics on this port + LOCAL_RANK
+    metrics_addr: str = "127.0.0.1"
+    trace: str = ""  # write a Chrome/Perfetto trace of real iterations here
+    trace_steps: int = 50  # iterations traced, from the first timed one
+    heartbeat_s: float = 1.0  # liveness beat interval, used to name a failed rank
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"train.algorithm {self.algorithm!r} is unknown; choose one of: {', '.join(ALGORITHMS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer {self.optimizer!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"train.lr_schedule {self.lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}"
+            )
+        if self.overlap not in ("", "backward", "forward"):
+            raise ValueError(
+                f"train.overlap {self.overlap!r} is unknown; choose backward, forward, or leave it empty "
+                "for the schedule's"
+            )
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
+        _positive_int("train.steps", self.steps)
+        _positive_int("train.period", self.period)
+        _positive_int("train.eval_batches", self.eval_batches)
+        _positive_int("train.checkpoint_keep", self.checkpoint_keep)
+        _positive_int("train.trace_steps", self.trace_steps)
+        _positive_number("train.heartbeat_s", self.heartbeat_s)
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError(
+                f"train.checkpoint_every={self.checkpoint_every} needs train.checkpoint_dir (where the "
+                "checkpoints go): add --checkpoint-dir DIR, or set train.checkpoint_every=0"
+            )
+        if (
+            isinstance(self.metrics_port, bool)
+            or not isinstance(self.metrics_port, int)
+            or not (self.metrics_port == 0 or 1 <= self.metrics_port <= 65535)
+        ):
+            raise ValueError(f"train.metrics_port must be 0 (off) or a port in 1..65535, got {self.metrics_port!r}")
+        for name in ("post_local_warmup", "eval_every", "timing_warmup", "seed", "lr_warmup", "checkpoint_every"):
+            _non_negative_int(f"train.{name}", getattr(self, name))
+        for name in ("lr", "bucket_cap_mb", "timeout_s"):
+            _positive_number(f"train.{name}", getattr(self, name))
+        for name in ("momentum", "weight_decay", "grad_clip", "time_budget_s"):
+            _non_negative_number(f"train.{name}", getattr(self, name))
+        if self.link:
+            LinkSpec.parse(self.link)  # raises ValueError naming the malformed string
+        if self.time_budget_s and not self.eval_every:
+            raise ValueError(
+                f"train.time_budget_s={self.time_budget_s:g} needs train.eval_every > 0: the budget is "
+                "checked at evaluations (or set train.time_budget_s=0)"
+            )
+
+    @property
+    def link_spec(self) -> LinkSpec | None:
+        return LinkSpec.parse(self.link) if self.link else None
+
+
+@dataclass
+class ExperimentConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "gpt"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.model["name"]
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "name"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        unknown = [k for k in raw if k not in ("model", "data", "train")]
+        if unknown:
+            raise ValueError(f"config section [{unknown[0]}] is unknown; sections are [model], [data], [train]")
+        model = dict(raw.get("model", {"name": "gpt"}))
+        if not isinstance(model.get("name"), str):
+            from dreamddp.training.models import MODELS
+
+            raise ValueError(
+                f'config [model] needs a name, one of: {", ".join(MODELS)} (name = "gpt" in the file, '
+                "or --set model.name=gpt)"
+            )
+        from dreamddp.training.models import build_model
+
+        build_model(model["name"], {k: v for k, v in model.items() if k != "name"})  # validate now
+        return cls(
+            model=model,
+            data=_build(DataConfig, raw.get("data", {}), "data"),
+            train=_build(TrainConfig, raw.get("train", {}), "train"),
+        )
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(
+                f"config file {str(path)!r} does not exist; give a TOML file such as "
+                "configs/gpt-tiny.toml, or leave --config out for the defaults"
+            ) from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, a binary file
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise ValueError(
+                f"config file {str(path)!r} cannot be read: {reason}; give a TOML file such as configs/gpt-tiny.toml"
+            ) from None
+    return ExperimentConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``train.steps=50`` style overrides; values are read as TOML, else taken as strings."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    allowed = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ValueError(f"config key {section}.{key} is unknown; allowed: {', '.join(allowed)}")
+        expected = type(allowed[key].default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"config key {section}.{key} must be {expected.__name__}, got {value!r}")
+    return cls(**values)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _non_negative_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
