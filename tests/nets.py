@@ -116,7 +116,7 @@ def reference_partial_local_sgd(
     def land(due_by: float) -> None:
         """Delayed averages due now: every copy adds mean(snapshots) - its own snapshot."""
         nonlocal in_flight
-        for due, u_index, snaps in [f for f in in_flight if f[0] <= due_by]:
+        for _due, u_index, snaps in [f for f in in_flight if f[0] <= due_by]:
             for t_index in range(len(units_per_rank[0][u_index].tensors)):
                 mean = torch.stack([snaps[r][t_index] for r in range(world_size)]).mean(0)
                 for r in range(world_size):

@@ -131,6 +131,55 @@ def test_scheduled_units_identical_unscheduled_untouched(model_name):
     assert results == [[], []], results
 
 
+# ------------------------------------------------------------- switching schedules live
+def _switch_schedules(rank: int, world: int) -> dict:
+    """Train on one schedule, switch every rank to another at the same iteration, train on."""
+    torch.manual_seed(rank)
+    model = MLP()
+    names = [u.name for u in sync_units(model)]
+    first = random_schedule(names, period=3, seed=7)
+    second = Schedule(period=2, assignment={n: [0] if n in ("fc1", "head") else [1] for n in names})
+    ddp = DreamDDP(model, first, bucket_cap_mb=0.0005)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    problems, followed = [], []
+    for step in range(9):
+        if step == 4:  # phase 1 of the first schedule; phase 0 of the second
+            ddp.set_schedule(second)
+        schedule = first if step < 4 else second
+        h = step % schedule.period
+        opt.zero_grad()
+        x, y = make_batch("vector", rank, step)
+        loss = loss_of("vector", ddp(x), y)
+        before = {u.name: [t.clone() for t in u.tensors] for u in ddp.units}
+        with CountingAllReduce() as counter:
+            loss.backward()
+        scheduled = set(schedule.units_at(h))
+        expected_bytes = sum(u.nbytes for u in ddp.units if u.name in scheduled)
+        followed.append((ddp.last_stats.phase, ddp.last_stats.units))
+        if counter.bytes != expected_bytes or ddp.last_stats.bytes_sent != expected_bytes:
+            problems.append(f"step {step}: sent {counter.bytes} B, expected {expected_bytes}")
+        for u in ddp.units:
+            for t, old in zip(u.tensors, before[u.name]):
+                if u.name in scheduled:
+                    if not all(torch.equal(t, o) for o in _gather(t)):
+                        problems.append(f"step {step}: scheduled unit {u.name} differs across ranks")
+                elif not torch.equal(t, old):
+                    problems.append(f"step {step}: unscheduled unit {u.name} was changed by backward")
+        opt.step()
+    return {"problems": problems, "followed": followed, "schedule_is_second": ddp.schedule is second}
+
+
+def test_set_schedule_between_iterations_switches_what_is_sent():
+    names = [u.name for u in sync_units(MLP())]
+    first = random_schedule(names, period=3, seed=7)
+    expected = [(h % 3, first.units_at(h % 3)) for h in range(4)]
+    expected += [(h % 2, ["fc1", "head"] if h % 2 == 0 else ["bn", "fc2"]) for h in range(4, 9)]
+    for r in run_workers(_switch_schedules, 2):
+        assert r["problems"] == [], r["problems"]
+        assert r["followed"] == expected, r["followed"]
+        assert r["schedule_is_second"]
+
+
 # ------------------------------------------------------------------ reference parity
 def _train_schedules(rank: int, world: int, model_name: str, jobs: list[tuple[Schedule, str]], steps: int) -> list:
     kind = KIND[model_name]

@@ -55,7 +55,7 @@ def _parity(rank: int, world: int, model_name: str, optimizer: str) -> dict:
         ddp.register_optimizer(opt)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
         losses = _train(ddp, opt, scheduler, kind, rank, steps=9, clip=0.5)
-        held_back = ddp._deferred.applied
+        held_back = ddp._landing.deferred.applied
         stalls = sum(1 for _ in [ddp.last_stats] if ddp.last_stats.forward_stall_s > 0)
         ddp.flush()
         results[overlap] = (
@@ -143,23 +143,26 @@ def _delayed(rank: int, world: int, model_name: str, optimizer: str, steps: int)
     # Record the invariant at every correction: after it, w - (local progress since launch),
     # i.e. w_after - (w_before - snapshot), must be identical on every rank (= mean(snapshot)).
     checks = []
-    real_apply = ddp._apply_landed
+    landing = ddp._landing
+    real_apply = landing._apply_landed
 
     def recording_apply(inflight, unit_ids):
         delayed = [u for u in unit_ids if inflight.delays[u]]
         before = {u: [t.detach().clone() for t in ddp.units[u].tensors] for u in delayed}
         real_apply(inflight, unit_ids)
+        layout = ddp._state.layout  # as it is now: a re-layout may have moved it
         for u in delayed:
-            for k, lo, hi in inflight.offsets[u]:
-                seg = ddp._layout.segments[u][k]
-                after = ddp._layout.view(seg.key, seg.start, seg.end)
+            for piece in inflight.offsets[u]:
+                seg = layout.segments[u][piece.segment]
+                after = layout.view(seg.key, seg.start, seg.end)
                 flat_before = torch.cat([t.reshape(-1) for t in before[u]])
-                # segment k of the unit within its flat: recover the same slice of "before"
-                offset = sum(s.end - s.start for s in ddp._layout.segments[u][:k])
-                progress = flat_before[offset : offset + (seg.end - seg.start)] - inflight.snapshot[lo:hi]
+                # this segment of the unit within its flat: recover the same slice of "before"
+                offset = sum(s.end - s.start for s in layout.segments[u][: piece.segment])
+                snapshot = inflight.snapshot[piece.start : piece.end]
+                progress = flat_before[offset : offset + (seg.end - seg.start)] - snapshot
                 checks.append(after - progress)
 
-    ddp._apply_landed = recording_apply
+    landing._apply_landed = recording_apply
     for step in range(steps):
         opt.zero_grad()
         x, y = make_batch(kind, rank, step)
@@ -209,7 +212,7 @@ def _refusals(rank: int, world: int) -> list[str]:
         except RuntimeError as err:
             messages.append(str(err))
             break
-    ddp._pending = []  # every rank raised at the same point; drop what is left
+    ddp._landing.pending = []  # every rank raised at the same point; drop what is left
     ddp.remove_hooks()
     return messages
 
@@ -245,7 +248,7 @@ def _live_reload(rank: int, world: int) -> dict:
     train(range(4))
     saved = copy.deepcopy(ddp.state_dict()), copy.deepcopy(opt.state_dict())
     first = train(range(4, 8))  # ends in phase 1, which averages fc1 and bn
-    held_back = ddp._deferred.pending  # steps waiting for an average still on the wire
+    held_back = ddp._landing.deferred.pending  # steps waiting for an average still on the wire
     ddp.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     again = train(range(4, 8))
@@ -274,7 +277,7 @@ def _step_with_closure(rank: int, world: int) -> str:
         loss = loss_of("vector", ddp(x), y)
         loss.backward()
         try:
-            opt.step(lambda: loss)
+            opt.step(lambda loss=loss: loss)
         except RuntimeError as err:
             message = str(err)
     ddp.flush()

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from dreamddp.core.buckets import pack_in_order
 from dreamddp.emulation.link import SimulatedLink, sleep_until
 
 __all__ = ["BucketAverage", "average_op", "average_tensors", "pack_buckets"]
 
 
-def average_op(group: dist.ProcessGroup | None) -> tuple[dist.ReduceOp, bool]:
+def average_op(group: dist.ProcessGroup | None) -> tuple[dist.ReduceOp.RedOpType, bool]:
     """The reduce op for an average, and whether the caller must still divide by world size.
 
     NCCL averages natively (and in one rounding for bf16); gloo only sums.
@@ -33,23 +34,11 @@ def pack_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[list[i
     """Group consecutive tensors into buckets of at most ``cap_bytes`` (indices into ``tensors``).
 
     A bucket holds one dtype on one device, so it can be flattened; a tensor larger than the
-    cap gets a bucket of its own (and is then reduced in place, with no copy).
+    cap gets a bucket of its own (and is then reduced in place, with no copy). The packing
+    rule is the wrapper's and the planner's (``dreamddp.core.buckets``).
     """
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i, t in enumerate(tensors):
-        nbytes = t.numel() * t.element_size()
-        if current:
-            head = tensors[current[0]]
-            if head.dtype != t.dtype or head.device != t.device or size + nbytes > cap_bytes:
-                buckets.append(current)
-                current, size = [], 0
-        current.append(i)
-        size += nbytes
-    if current:
-        buckets.append(current)
-    return buckets
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    return pack_in_order(sizes, cap_bytes, keys=[(t.dtype, t.device) for t in tensors])
 
 
 class BucketAverage:
@@ -79,7 +68,7 @@ class BucketAverage:
         self.work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
         self.booking = link.book(self.nbytes) if link is not None else None
         self.done_ns: int | None = None  # host time the result became usable (track_done, CPU)
-        if self.booking is not None:
+        if link is not None and self.booking is not None:
             link.track(self.work, self.booking)
         if track_done and self.buffer.device.type == "cpu":
             self.work.get_future().add_done_callback(self._mark_done)

@@ -14,28 +14,13 @@ assign=True)``) is detected by ``intact()``, and the wrapper lays the storage ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from dreamddp.core.buckets import Segment  # here: a slice [start, end), in elements, of flat buffer ``key``
 from dreamddp.core.units import SyncUnit
 
 __all__ = ["FlatLayout", "Segment"]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A contiguous slice ``[start, end)`` (elements) of flat buffer ``key`` owned by one unit."""
-
-    unit_id: int
-    key: int
-    start: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return self.end - self.start
 
 
 class FlatLayout:
@@ -47,7 +32,9 @@ class FlatLayout:
         sizes: list[int] = []
         for unit_id in order:
             unit = units[unit_id]
-            items = [(p.data, _ParamRebind(module, n, p)) for p, n in zip(unit.params, unit.param_names)]
+            items: list[tuple[torch.Tensor, _Rebind]] = [
+                (p.data, _ParamRebind(module, n, p)) for p, n in zip(unit.params, unit.param_names)
+            ]
             items += [(b, _BufferRebind(module, n)) for b, n in zip(unit.buffers, unit.buffer_names)]
             for tensor, rebind in items:
                 key = keys.setdefault((tensor.dtype, tensor.device), len(keys))
@@ -90,7 +77,7 @@ class FlatLayout:
 
     def chunks(self, cap_elements_of: dict[int, int]) -> list[torch.Tensor]:
         """The whole storage as in-place views of at most ``cap_elements_of[key]`` elements."""
-        out = []
+        out: list[torch.Tensor] = []
         for key, flat in enumerate(self.flats):
             step = max(1, cap_elements_of[key])
             out.extend(flat[i : i + step] for i in range(0, flat.numel(), step))

@@ -82,9 +82,7 @@ def plan(
     elif method == "plsgd":
         schedule = equal_bytes(profile, period)
     elif method == "local_sgd":
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be an integer >= 1, got {period!r}")
-        schedule = Schedule.local_sgd(profile.names, period)
+        schedule = Schedule.local_sgd(profile.names, period)  # validates the period
     else:
         raise ValueError(f"unknown planning method {method!r}; choose one of: {', '.join(METHODS)}")
     if overlap == "forward":

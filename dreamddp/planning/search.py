@@ -89,12 +89,13 @@ class _Instance(_Problem):
     def schedule(self, groups: Sequence[Sequence[int]], method: str) -> Schedule:
         """Groups (any order) -> iterations: non-empty groups first, by their first unit."""
         ordered = sorted((sorted(g) for g in groups if g), key=lambda g: g[0])
-        assignment = {name: [] for name in self.names}
+        assignment: dict[str, list[int]] = {name: [] for name in self.names}
         for h, group in enumerate(ordered):
             for i in group:
                 assignment[self.names[i]].append(h)
         exposed = sum(self.cost(g) for g in ordered)
-        return Schedule(self.period, assignment, metadata={"method": method, "predicted_exposed_s": exposed})
+        iterations = {name: tuple(hs) for name, hs in assignment.items()}
+        return Schedule(self.period, iterations, metadata={"method": method, "predicted_exposed_s": exposed})
 
 
 def total_exposed(profile: Profile, schedule: Schedule) -> float:
@@ -110,10 +111,13 @@ def _cost_matrix(inst: _Instance) -> np.ndarray:
     cost = np.full((n + 1, n + 1), np.inf)
     for i in range(n + 1):
         cost[i, i] = 0.0
-        if inst.model.coalesce:
+        comm = inst.profile.comm
+        if comm is not None:
             # Coalesced: a block is one run of buckets. Extending it grows the open bucket
             # (which then starts when its new last unit is ready) or, past the cap, opens one.
-            model, comm = inst.model, inst.profile.comm
+            # The packing rule is plan_buckets' (dreamddp.core.buckets), kept incremental here
+            # for speed; tests/test_buckets.py checks the two agree.
+            model = inst.model
             free_before, size = 0.0, 0
             for j in range(i, n):
                 if j > i and size + model.nbytes[j] > model.cap:
@@ -203,7 +207,8 @@ def _subset_dp(inst: _Instance) -> list[list[int]]:
     for _ in range(1, min(inst.period, n)):
         # At most one more group: keep the previous best (pick None) or split off the group
         # that holds the mask's lowest unit.
-        new_best, pick = list(best), [None] * (full + 1)
+        new_best = list(best)
+        pick: list[int | None] = [None] * (full + 1)
         for mask in range(full + 1):
             # The group holding the lowest unit of `mask` is `sub`; the rest are earlier groups.
             low = mask & -mask
@@ -221,12 +226,12 @@ def _subset_dp(inst: _Instance) -> list[list[int]]:
         picks.append(pick)
     groups, mask, level = [], full, len(picks) - 1
     while mask:
-        group = picks[level][mask]
+        chosen = picks[level][mask]
         level -= 1
-        if group is None:
+        if chosen is None:
             continue
-        groups.append([i for i in range(n) if group >> i & 1])
-        mask ^= group
+        groups.append([i for i in range(n) if chosen >> i & 1])
+        mask ^= chosen
     return groups
 
 
@@ -320,7 +325,7 @@ def fill_in(schedule: Schedule, profile: Profile, overlap: str | None = None, ti
 def _filled(schedule: Schedule, assignment: dict[str, list[int]]) -> Schedule:
     extra = sum(map(len, assignment.values())) - schedule.syncs_per_period()
     metadata = {**schedule.metadata, "fill_in": True, "extra_syncs": extra}
-    return dataclasses.replace(schedule, assignment=assignment, metadata=metadata)
+    return dataclasses.replace(schedule, assignment={n: tuple(its) for n, its in assignment.items()}, metadata=metadata)
 
 
 def equal_bytes(profile: Profile, period: int) -> Schedule:
@@ -385,7 +390,7 @@ class _ForwardInstance(_Problem):
         }
         return Schedule(
             self.period,
-            assignment,
+            {name: tuple(its) for name, its in assignment.items()},
             metadata=meta,
             overlap="forward",
             delays={self.names[u]: d for u, d in enumerate(delays) if d},
@@ -583,8 +588,8 @@ def brute_force_forward(profile: Profile, period: int, max_delay: int = 0, max_e
             value = inst.time(groups, delays)
             if value < best_value - inst.tol:
                 best_value, best_choice = value, (groups, list(delays))
-    groups, delays = best_choice
-    return inst.schedule(groups, delays, "brute_force")
+    assert best_choice is not None  # at least one assignment was tried
+    return inst.schedule(best_choice[0], best_choice[1], "brute_force")
 
 
 def with_delays(
@@ -625,7 +630,7 @@ def _fill_in_forward(schedule: Schedule, profile: Profile, deadline: float) -> S
             if allowed and inst.time(frozen(), delays) <= base + inst.tol:
                 continue
             groups[h].discard(u)
-    assignment = {name: [] for name in inst.names}
+    assignment: dict[str, list[int]] = {name: [] for name in inst.names}
     for h, group in enumerate(groups):
         for u in group:
             assignment[inst.names[u]].append(h)

@@ -59,6 +59,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dreamddp.core.buckets import Bucket, Segment, pack_in_order, plan_buckets
 from dreamddp.core.schedule import OVERLAPS, Schedule
 from dreamddp.planning.profile import Profile
 
@@ -245,11 +246,13 @@ def ready_times(backward_s: Sequence[float]) -> list[float]:
 class CostModel:
     """Prices one iteration that synchronises a set of units, the way the wrapper sends them.
 
-    With a fitted comm model (alpha, beta) the wrapper's coalescing is modelled: scheduled
-    units adjacent in backward order form one all-reduce (split at ``bucket_cap_mb``), which
-    starts when its last unit is ready and costs alpha + beta * its bytes — one latency per
-    bucket, not per unit. Without one (a synthetic profile) every unit is its own message of
-    its own ``comm_s``: the paper's model.
+    With a fitted comm model (alpha, beta) the wrapper's coalescing is modelled with the
+    wrapper's own bucket plan (``dreamddp.core.buckets``): unit i is bytes
+    ``[offset_i, offset_i + nbytes_i)`` of one flat buffer in backward order, as in the
+    wrapper's flat storage, so scheduled units adjacent there form one all-reduce (split at
+    ``bucket_cap_mb``), which starts when its last unit is ready and costs alpha + beta * its
+    bytes — one latency per bucket, not per unit. Without one (a synthetic profile) every
+    unit is its own message of its own ``comm_s``: the paper's model.
     """
 
     def __init__(self, profile: Profile, bucket_cap_mb: float = 25.0) -> None:
@@ -260,23 +263,18 @@ class CostModel:
         self.end = max(profile.backward_s, self.ready[-1] if self.ready else 0.0)
         self.coalesce = profile.comm is not None
         self.cap = bucket_cap_mb * 2**20
+        self.segments = _profile_segments(self.nbytes)
+
+    def buckets(self, units: Sequence[int]) -> list[Bucket]:
+        """The wrapper's buckets (in bytes) when it synchronises ``units``, in launch order."""
+        return plan_buckets([self.segments[i] for i in sorted(set(units))], self.cap)
 
     def messages(self, units: Sequence[int]) -> list[tuple[list[int], float, float]]:
         """(units, ready time, duration) of each all-reduce, in launch order."""
-        ordered = sorted(units)
-        if not self.coalesce:
-            return [([i], self.ready[i], self.comm[i]) for i in ordered]
-        runs: list[list[int]] = []
-        size = 0
-        for i in ordered:
-            if runs and runs[-1][-1] == i - 1 and size + self.nbytes[i] <= self.cap:
-                runs[-1].append(i)
-                size += self.nbytes[i]
-            else:
-                runs.append([i])
-                size = self.nbytes[i]
         comm = self.profile.comm
-        return [(run, self.ready[run[-1]], comm.predict(sum(self.nbytes[i] for i in run))) for run in runs]
+        if comm is None:
+            return [([i], self.ready[i], self.comm[i]) for i in sorted(units)]
+        return [(list(b.units), self.ready[b.units[-1]], comm.predict(b.size)) for b in self.buckets(units)]
 
     def schedule_events(self, units: Sequence[int]) -> list[tuple[list[int], float, float]]:
         """(units, start, end) of each all-reduce on the serial channel."""
@@ -306,6 +304,15 @@ class CostModel:
     def phase_messages(self, units: Sequence[int]) -> list[Message]:
         """The all-reduces of one iteration as the forward-overlap engine takes them."""
         return [(members, ready, duration) for members, ready, duration in self.messages(units)]
+
+
+def _profile_segments(nbytes: Sequence[int]) -> list[Segment]:
+    """Units as consecutive byte ranges of one buffer, in the given (backward) order: the wrapper's layout."""
+    segments, offset = [], 0
+    for i, size in enumerate(nbytes):
+        segments.append(Segment(i, 0, offset, offset + size))
+        offset += size
+    return segments
 
 
 def forward_windows(profile: Profile) -> list[float]:
@@ -415,7 +422,7 @@ class ForwardEngine:
         overruns: list[dict[int, float]] = []
         snapshots: list[tuple[float, float, int]] = []
         cycle_from, steady = None, True
-        for p in range(self.MAX_PERIODS):
+        for _ in range(self.MAX_PERIODS):
             starts.append(base)
             now = 0.0
             iterations: list[IterationTimeline] = []
@@ -539,8 +546,8 @@ class ForwardEngine:
         window = (starts[cycle_from], base)
         in_flight = {id(e.snapshot): e.snapshot for e in pending.values() if e.snapshot is not None}
         snapshots += [(c.taken, math.inf, c.nbytes) for c in in_flight.values()]
-        iterations = tuple(it for its in records[cycle_from:] for it in its)
-        return ForwardRun(period_s, count, cycle_from, steady, iterations, _peak(snapshots, *window), overrun)
+        steady_iterations = tuple(it for its in records[cycle_from:] for it in its)
+        return ForwardRun(period_s, count, cycle_from, steady, steady_iterations, _peak(snapshots, *window), overrun)
 
 
 def _peak(intervals: Sequence[tuple[float, float, int]], lo: float, hi: float) -> int:
@@ -641,8 +648,8 @@ def simulate_method(
     if method == "local_sgd":
         if overlap == "forward":
             order = list(reversed(range(len(profile.units))))  # the input side first: needed first
-            after = [(members, None, cost) for members, cost in _buckets(profile, order, bucket_cap_mb)]
-            phases = [[] for _ in range(period - 1)] + [after]
+            after: list[Message] = [(members, None, cost) for members, cost in _buckets(profile, order, bucket_cap_mb)]
+            phases: list[list[Message]] = [[] for _ in range(period - 1)] + [after]
             return _forward_timeline(
                 profile,
                 CostModel(profile, bucket_cap_mb),
@@ -675,16 +682,8 @@ def simulate_method(
         # DDP: gradient buckets in backward order (1 MiB first, then bucket_cap_mb), each
         # all-reduced once all its gradients are ready; every iteration.
         ready = ready_times([u.backward_s for u in profile.units])
-        free, cap, size, members, events = 0.0, 1 * 2**20, 0, [], []
-        buckets: list[list[int]] = []
-        for i, u in enumerate(profile.units):
-            if members and size + u.nbytes > cap:
-                buckets.append(members)
-                members, size, cap = [], 0, int(bucket_cap_mb * 2**20)
-            members.append(i)
-            size += u.nbytes
-        if members:
-            buckets.append(members)
+        free, events = 0.0, []
+        buckets = pack_in_order([u.nbytes for u in profile.units], int(bucket_cap_mb * 2**20), first_cap=2**20)
         if overlap == "forward":
             messages = [(m, ready[m[-1]], _bucketed_cost(profile, m, float("inf"))) for m in buckets]
             timeline = _forward_timeline(
@@ -710,21 +709,13 @@ def _buckets(profile: Profile, order: Sequence[int], bucket_cap_mb: float) -> li
 
     Without a fitted comm model every unit is its own message of its own time.
     """
-    if profile.comm is None:
+    comm = profile.comm
+    if comm is None:
         return [([i], profile.units[i].comm_s) for i in order]
-    cap = bucket_cap_mb * 2**20
+    sizes = [profile.units[i].nbytes for i in order]
     out: list[tuple[list[int], float]] = []
-    members: list[int] = []
-    size = 0
-    for i in order:
-        nbytes = profile.units[i].nbytes
-        if members and size + nbytes > cap:
-            out.append((members, profile.comm.predict(size)))
-            members, size = [], 0
-        members.append(i)
-        size += nbytes
-    if members:
-        out.append((members, profile.comm.predict(size)))
+    for bucket in pack_in_order(sizes, bucket_cap_mb * 2**20):
+        out.append(([order[k] for k in bucket], comm.predict(sum(sizes[k] for k in bucket))))
     return out
 
 
