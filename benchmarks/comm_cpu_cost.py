@@ -25,8 +25,8 @@ import torch.distributed as dist  # noqa: E402
 
 from dreamddp.training.config import load_config  # noqa: E402
 from dreamddp.training.data import build_data  # noqa: E402
+from dreamddp.training.loss import loss_for_task  # noqa: E402
 from dreamddp.training.models import build_model  # noqa: E402
-from dreamddp.training.trainer import loss_for_task  # noqa: E402
 
 
 def main(repeats: int = 8, nbytes: int = 4 * 2**20) -> None:

@@ -17,9 +17,9 @@ import torch
 
 from dreamddp.training.config import load_config
 from dreamddp.training.data import build_data
+from dreamddp.training.loss import loss_for_task
 from dreamddp.training.models import build_model, model_task
 from dreamddp.training.strategies import build_optimizer
-from dreamddp.training.trainer import loss_for_task
 from profiler import profile_compute
 
 REPO = Path(__file__).resolve().parents[1]

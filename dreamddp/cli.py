@@ -1,7 +1,7 @@
 """``dreamddp <command>``: one entry point for the project's tools.
 
 Each command is a module with its own ``main(argv)``; this file only dispatches, so
-``dreamddp train ...`` and ``python -m dreamddp.train ...`` behave the same.
+``dreamddp train ...`` and ``python -m dreamddp.train ...`` (both ``dreamddp.tools.train``) behave the same.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("dreamddp.train", "train a model (run under torchrun for several workers)"),
+    "train": ("dreamddp.tools.train", "train a model (run under torchrun for several workers)"),
     "profile": ("dreamddp.tools.profile", "measure per-unit compute and fit the comm model (under torchrun)"),
     "plan": ("dreamddp.planning.cli", "plan a schedule from a profile and predict every method's time"),
     "demo": ("dreamddp.tools.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from torch.distributed.run import get_args_parser
 
+from dreamddp.tools.train import parse_args as parse_trainer_args
 from dreamddp.training.config import load_config
-from dreamddp.training.trainer import parse_args as parse_trainer_args
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"

@@ -104,6 +104,30 @@ def test_schedule_file_is_used(tmp_path):
     assert "period 1" in summary["note"]
 
 
+def test_schedule_files_period_is_the_period_reported_and_traced(tmp_path):
+    """train.period=4, but the schedule file's H is 2: the run follows the file, and so must its
+    summary and the phases in its trace (they used to say 4)."""
+    from dreamddp import Schedule, sync_units
+    from dreamddp.training.config import load_config
+    from dreamddp.training.models import build_model
+
+    cfg = load_config(REPO / "configs" / "gpt-tiny.toml", TINY_GPT)
+    path = tmp_path / "h2.json"
+    Schedule.plsgd(sync_units(build_model(cfg.model_name, cfg.model_options)), 2).to_json(path)
+    trace = tmp_path / "trace.json"
+    summary = torchrun(
+        tmp_path,
+        "gpt-tiny.toml",
+        TINY_GPT
+        + ["train.algorithm=dreamddp", f"train.schedule={path}", f"train.trace={json.dumps(str(trace))}"]
+        + ["train.trace_steps=4"],
+    )
+    assert summary["period"] == 2 and "period 2" in summary["note"]
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X" and "step" in e["args"]]
+    assert {e["args"]["step"] for e in events} == {1, 2, 3, 4}
+    assert all(e["args"]["phase"] == e["args"]["step"] % 2 for e in events), events[:4]
+
+
 def test_single_process_without_torchrun(tmp_path):
     log = tmp_path / "solo.jsonl"
     proc = subprocess.run(
@@ -170,7 +194,7 @@ def test_evaluation_leaves_a_delayed_forward_overlap_run_unchanged(tmp_path):
                 "train.link=20mbit,2ms",
             ],
         )
-        assert "overlap='forward', %d units delayed" % len(delays) in summary["note"]
+        assert f"overlap='forward', {len(delays)} units delayed" in summary["note"]
         runs[eval_every] = [r["loss"] for r in summary["records"] if "loss" in r]
         assert any("val_loss" in r for r in summary["records"]) == bool(eval_every)
     assert runs[0] == runs[4]

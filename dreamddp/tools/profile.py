@@ -24,9 +24,10 @@ from dreamddp.emulation.link import describe_link, link_from_settings
 from dreamddp.planning.profile import Profile, UnitProfile
 from dreamddp.training.config import load_config
 from dreamddp.training.data import build_data
+from dreamddp.training.distributed import init_process_group
+from dreamddp.training.loss import loss_for_task
 from dreamddp.training.models import build_model, model_task
 from dreamddp.training.strategies import build_optimizer
-from dreamddp.training.trainer import init_process_group, loss_for_task
 from profiler.comm import DEFAULT_SIZES, profile_comm
 from profiler.compute import profile_compute
 

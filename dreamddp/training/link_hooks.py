@@ -21,7 +21,9 @@ def _bucket_bytes(bucket: dist.GradBucket) -> int:
 def linked_allreduce_hook(link: SimulatedLink, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """torch's default all-reduce hook, completing no earlier than the simulated link allows."""
     booking = link.book(_bucket_bytes(bucket))
-    return link.delay_future(default_hooks.allreduce_hook(None, bucket), booking, bucket.buffer().device)
+    # None: the default group, as DDP itself passes it (torch's annotation says ProcessGroup only).
+    fut = default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
+    return link.delay_future(fut, booking, bucket.buffer().device)
 
 
 def linked_post_local_sgd_hook(

@@ -1,9 +1,10 @@
 """The training algorithms, each as a small strategy the one training loop drives.
 
-Every strategy wraps the model, builds or wraps the optimizer, says after each iteration how
-long it blocked on communication and how many bytes it sent, and makes the ranks' models
-equal at the end. The loop itself (``train.py``) is the same for all of them, so their
-timings differ only by what each algorithm communicates and when.
+Every strategy wraps the model, builds or wraps the optimizer, reports after each iteration
+what it communicated (``stats()``), says which averaging period H it runs (``period``), and
+makes the ranks' models equal at the end. The loop itself (``trainer.py``) is the same for all
+of them, so their timings differ only by what each algorithm communicates and when; and it
+never looks inside a strategy, so a wrapper's internals can change without touching it.
 
 - ``none``: no communication at all — the compute-only reference for "how much was hidden".
 - ``ssgd``: torch ``DistributedDataParallel`` (gradient all-reduce overlapped with backward).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,19 +30,31 @@ from torch.distributed.optim import PostLocalSGDOptimizer
 from dreamddp.core.collectives import average_tensors
 from dreamddp.core.ddp import DreamDDP
 from dreamddp.core.schedule import Schedule
+from dreamddp.core.timing import ObservedIteration
 from dreamddp.core.units import sync_units
 from dreamddp.emulation.link import SimulatedLink, sleep_until
 from dreamddp.training.config import TrainConfig
 from dreamddp.training.link_hooks import linked_allreduce_hook, linked_post_local_sgd_hook
 
-__all__ = ["Strategy", "CommRecord", "build_lr_scheduler", "build_strategy", "build_optimizer"]
+__all__ = ["SCHEDULED", "CommStats", "Strategy", "build_lr_scheduler", "build_optimizer", "build_strategy"]
 
 
-@dataclass
-class CommRecord:
-    wait_s: float | None  # host time blocked on communication this iteration (None: not observable)
+@dataclass(frozen=True)
+class CommStats:
+    """What one iteration communicated, in the terms the trainer reports (log, metrics, trace)."""
+
+    wait_s: float | None  # exposed: host time blocked on communication this iteration (None: not observable)
     bytes_sent: int
     units_synced: int = 0  # sync units whose parameters (or gradients) were averaged
+    hidden_s: float | None = None  # communication that overlapped compute; only filled when asked (see stats())
+    backward_wait_s: float = 0.0  # the part of the wait spent at the end of backward
+    after_step_wait_s: float = 0.0  # the part spent in after_step, after the optimizer step
+    forward_events: list[tuple[str, str, int, int]] = field(default_factory=list)  # overlap="forward" stalls
+
+
+def _after_step_comm(wait_s: float | None, bytes_sent: int, units_synced: int = 0) -> CommStats:
+    """Stats of a strategy whose communication (if any) blocks after the optimizer step."""
+    return CommStats(wait_s, bytes_sent, units_synced, after_step_wait_s=wait_s or 0.0)
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -78,6 +91,12 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer = build_optimizer(cfg, model.parameters())
         self.note = ""  # anything the run should report about how this strategy was set up
         self.n_units = len(sync_units(model))
+        self._last = _after_step_comm(0.0, 0)
+
+    @property
+    def period(self) -> int:
+        """H, the averaging period this strategy really runs (phases in the trace, the summary)."""
+        return self.cfg.period
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -92,8 +111,27 @@ class Strategy:
         """What must match for a checkpoint of this run to be resumed exactly."""
         return {"period": self.cfg.period}
 
-    def after_step(self, step: int) -> CommRecord:
-        return CommRecord(wait_s=0.0, bytes_sent=0)
+    # ------------------------------------------------------------ iterations
+    def after_step(self, step: int) -> None:
+        """Communicate after the optimizer step, if this algorithm does; ``stats()`` then reports it."""
+        self._last = _after_step_comm(0.0, 0)
+
+    def stats(self, with_hidden: bool = False) -> CommStats:
+        """What the last iteration communicated.
+
+        ``with_hidden`` also measures the communication hidden behind compute. Opt-in because
+        for DreamDDP it reads the hooks' timings, which costs a device synchronisation on CUDA:
+        only the metrics endpoint asks, not every run.
+        """
+        return replace(self._last, hidden_s=self._hidden_comm_s()) if with_hidden else self._last
+
+    def _hidden_comm_s(self) -> float | None:
+        # Communication after the step blocks the host: none of it is hidden (when it is observable at all).
+        return 0.0 if self._last.wait_s is not None else None
+
+    def observed_timings(self) -> list[ObservedIteration]:
+        """Per-bucket hook timings of recent iterations, for the trace (none unless DreamDDP records them)."""
+        return []
 
     def flush(self) -> None:
         """Land communication still in flight before something reads every weight (evaluation)."""
@@ -121,8 +159,9 @@ class SSGD(Strategy):
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self._grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
-    def after_step(self, step: int) -> CommRecord:
-        return CommRecord(wait_s=None, bytes_sent=self._grad_bytes, units_synced=self.n_units)
+    def after_step(self, step: int) -> None:
+        # The all-reduce ran inside backward, where torch DDP does not say how long it blocked.
+        self._last = _after_step_comm(None, self._grad_bytes, self.n_units)
 
     def schedule_record(self) -> dict[str, Any] | None:
         return None
@@ -139,16 +178,17 @@ class SSGD(Strategy):
 class LocalSGD(Strategy):
     """Every parameter and buffer averaged every H iterations after the step (bucketed)."""
 
-    def after_step(self, step: int) -> CommRecord:
+    def after_step(self, step: int) -> None:
         if (step + 1) % self.cfg.period:
-            return CommRecord(wait_s=0.0, bytes_sent=0)
+            self._last = _after_step_comm(0.0, 0)
+            return
         start = time.perf_counter()
         sent = average_tensors(
             [t for u in sync_units(self.raw_model) for t in u.tensors],
             cap_bytes=int(self.cfg.bucket_cap_mb * 2**20),
             link=self.link,
         )
-        return CommRecord(wait_s=time.perf_counter() - start, bytes_sent=sent, units_synced=self.n_units)
+        self._last = _after_step_comm(time.perf_counter() - start, sent, self.n_units)
 
 
 class _LinkedAverager(PeriodicModelAverager):
@@ -161,10 +201,11 @@ class _LinkedAverager(PeriodicModelAverager):
 
     def average_parameters(self, params) -> None:
         due = self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
-        booking = self.link.book(self.nbytes) if (due and self.link is not None) else None
+        link = self.link if due else None
+        booking = link.book(self.nbytes) if link is not None else None
         super().average_parameters(params)
-        if booking is not None:
-            sleep_until(self.link.complete(booking))
+        if link is not None and booking is not None:
+            sleep_until(link.complete(booking))
         self.averaged_last = due
 
 
@@ -187,15 +228,16 @@ class PostLocalSGD(Strategy):
             self.model.register_comm_hook((state, link), linked_post_local_sgd_hook)
         self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.averager = _LinkedAverager(link, self._param_bytes, period=cfg.period, warmup_steps=cfg.post_local_warmup)
-        self.optimizer = PostLocalSGDOptimizer(
+        self._post_local = PostLocalSGDOptimizer(
             optim=build_optimizer(cfg, self.model.parameters()), averager=self.averager
         )
+        self.optimizer = self._post_local
 
-    def after_step(self, step: int) -> CommRecord:
+    def after_step(self, step: int) -> None:
         sent = self._param_bytes if self.averager.averaged_last else 0
         if step < self.cfg.post_local_warmup:
             sent += self._param_bytes  # gradient all-reduce during warm-up
-        return CommRecord(wait_s=None, bytes_sent=sent, units_synced=self.n_units if sent else 0)
+        self._last = _after_step_comm(None, sent, self.n_units if sent else 0)
 
     def checkpoint_state(self) -> dict[str, Any]:
         state = super().checkpoint_state()  # the optimizer's state carries the averager's step
@@ -207,7 +249,7 @@ class PostLocalSGD(Strategy):
         # torch's PostLocalSGDOptimizer keeps a reference to the inner optimizer's param_groups
         # list, which the inner load_state_dict replaces: without this, an LR scheduler would
         # set the learning rate on stale groups and the resumed run would train at a frozen LR.
-        self.optimizer.param_groups = self.optimizer.optim.param_groups
+        self._post_local.param_groups = self._post_local.optim.param_groups
         self._state.iter = int(state["strategy"]["local_sgd_iter"])
 
     def schedule_record(self) -> dict[str, Any] | None:
@@ -219,28 +261,16 @@ class PostLocalSGD(Strategy):
 
 
 class PartialLocalSGD(Strategy):
-    """DreamDDP's wrapper, with PLSGD's groups or a given schedule."""
+    """DreamDDP's wrapper running a resolved schedule: PLSGD's groups or a schedule file's plan."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None, schedule: Schedule) -> None:
         super().__init__(model, cfg, link)
         if cfg.algorithm == "dreamddp" and cfg.schedule:
-            schedule = Schedule.from_json(cfg.schedule)
-            planned_for = schedule.metadata.get("world_size")
-            world = torch.distributed.get_world_size()
-            if planned_for is not None and planned_for != world:
-                # Ring all-reduce costs scale with (n-1)/n and the link mix changes with n: a plan
-                # for another world size is a plan for another job.
-                raise ValueError(
-                    f"schedule {cfg.schedule!r} was planned for {planned_for} ranks, this job has "
-                    f"{world}: profile and plan again for this world size"
-                )
             if schedule.period != cfg.period:
                 # The schedule file decides H; say so rather than silently ignoring train.period.
                 self.note = f"schedule {cfg.schedule!r} has period {schedule.period}; train.period={cfg.period} ignored"
-        else:
-            schedule = Schedule.plsgd(sync_units(model), cfg.period)
-            if cfg.algorithm == "dreamddp":
-                self.note = "no schedule file given: using PLSGD's equal-bytes contiguous groups"
+        elif cfg.algorithm == "dreamddp":
+            self.note = "no schedule file given: using PLSGD's equal-bytes contiguous groups"
         self.ddp = DreamDDP(
             model,
             schedule,
@@ -263,9 +293,35 @@ class PartialLocalSGD(Strategy):
                 if x
             )
 
-    def after_step(self, step: int) -> CommRecord:
-        stats = self.ddp.last_stats
-        return CommRecord(wait_s=stats.wait_s, bytes_sent=stats.bytes_sent, units_synced=len(stats.units))
+    @property
+    def period(self) -> int:
+        return self.schedule.period  # the schedule's H, whatever train.period says
+
+    def after_step(self, step: int) -> None:
+        stats = self.ddp.last_stats  # DreamDDP communicated inside backward (and, overlapped, in forward)
+        self._last = CommStats(
+            wait_s=stats.wait_s,
+            bytes_sent=stats.bytes_sent,
+            units_synced=len(stats.units),
+            backward_wait_s=stats.backward_wait_s,
+            forward_events=list(stats.forward_events),
+        )
+
+    def _hidden_comm_s(self) -> float | None:
+        """Communication that overlapped compute: the buckets' busy span minus the wait."""
+        observed = self.ddp.observed_timings()
+        if not observed or observed[-1].iteration != self.ddp.iteration - 1 or not observed[-1].buckets:
+            return 0.0
+        spans = sorted((b.launch_s, b.done_s) for b in observed[-1].buckets)
+        busy, end = 0.0, float("-inf")
+        for start, done in spans:  # length of the union of the buckets' intervals
+            if done > end:
+                busy += done - max(start, end)
+                end = done
+        return max(0.0, busy - (self._last.wait_s or 0.0))
+
+    def observed_timings(self) -> list[ObservedIteration]:
+        return self.ddp.observed_timings()
 
     def checkpoint_state(self) -> dict[str, Any]:
         # The wrapper's state dict adds its iteration counter and bucket order to the model's.
@@ -298,10 +354,20 @@ _STRATEGIES: dict[str, type[Strategy]] = {
     "ssgd": SSGD,
     "local_sgd": LocalSGD,
     "post_local_sgd": PostLocalSGD,
-    "plsgd": PartialLocalSGD,
-    "dreamddp": PartialLocalSGD,
 }
+SCHEDULED = ("plsgd", "dreamddp")  # the algorithms that run a DreamDDP schedule
 
 
-def build_strategy(model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> Strategy:
+def build_strategy(
+    model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None, schedule: Schedule | None = None
+) -> Strategy:
+    """The strategy for ``cfg.algorithm``; plsgd and dreamddp run ``schedule``.
+
+    The schedule is resolved before (``dreamddp.training.schedules.resolve_schedule``), once,
+    so that reading the file, checking it and choosing H happen in one place.
+    """
+    if cfg.algorithm in SCHEDULED:
+        if schedule is None:
+            raise TypeError(f"train.algorithm={cfg.algorithm!r} needs the resolved schedule (resolve_schedule)")
+        return PartialLocalSGD(model, cfg, link, schedule)
     return _STRATEGIES[cfg.algorithm](model, cfg, link)

@@ -1,0 +1,52 @@
+"""The schedule a plsgd/dreamddp run follows, resolved once at start-up.
+
+Reading the file, checking it against this job and choosing H happen here and nowhere else:
+the strategy, the trace's phases and the summary all take the ``Schedule`` this returns, so
+they cannot disagree when the file's H differs from ``train.period``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from dreamddp.core.schedule import Schedule
+from dreamddp.core.units import sync_units
+from dreamddp.training.config import ExperimentConfig
+from dreamddp.training.strategies import SCHEDULED
+
+__all__ = ["resolve_schedule"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_schedule(cfg: ExperimentConfig, model: nn.Module, world_size: int) -> Schedule | None:
+    """The schedule to run: the file's (dreamddp with ``train.schedule``), else PLSGD's groups.
+
+    None for algorithms that run no DreamDDP schedule. Raises a one-line ``ValueError`` when
+    the file cannot be read, was planned for another world size, or does not fit the model.
+    Call it under ``agree`` before the wrapper is built: a file that only one node cannot read
+    would otherwise fail that rank alone while the others wait in the wrapper's agreement
+    collective until the process-group timeout.
+    """
+    tc = cfg.train
+    if tc.algorithm not in SCHEDULED:
+        return None
+    if tc.algorithm != "dreamddp" or not tc.schedule:
+        return Schedule.plsgd(sync_units(model), tc.period)
+    schedule = Schedule.from_json(tc.schedule)  # its errors name the file
+    planned_for = schedule.metadata.get("world_size")
+    if isinstance(planned_for, int) and planned_for != world_size:
+        # Ring all-reduce costs scale with (n-1)/n: a plan for another world size is a plan for another job.
+        raise ValueError(
+            f"schedule file {tc.schedule!r} was planned for world_size {planned_for}, but this job's "
+            f"world size is {world_size}: profile and plan again with {world_size} rank(s)"
+        )
+    try:
+        schedule.check_units([u.name for u in sync_units(model)])
+    except ValueError as err:
+        raise ValueError(f"schedule file {tc.schedule!r} does not fit model {cfg.model_name!r}: {err}") from None
+    if schedule.period != tc.period:
+        logger.info("schedule file %r sets H=%d; train.period=%d is not used", tc.schedule, schedule.period, tc.period)
+    return schedule
