@@ -18,6 +18,7 @@ import torch.distributed as dist
 from dreamddp.core.collectives import BucketAverage
 from dreamddp.emulation.link import SimulatedLink
 from dreamddp.planning.profile import CommModel
+from dreamddp.validation import is_int, positive_int
 
 __all__ = ["DEFAULT_SIZES", "profile_comm"]
 
@@ -34,10 +35,9 @@ def profile_comm(
     warmup: int = 1,
 ) -> CommModel:
     """Sweep all-reduce message sizes (bytes) and fit alpha (s) and beta (s/byte)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    positive_int("repeats", repeats)
     sizes = list(sizes)
-    bad = next((s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 4), None)
+    bad = next((s for s in sizes if not (is_int(s) and s >= 4)), None)
     if bad is not None:
         raise ValueError(f"message sizes must be integers >= 4 bytes, got {bad!r}")
     if len(set(sizes)) < 2:

@@ -12,19 +12,36 @@ record ``torch.cuda.Event``s on the current stream and everything is read once a
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from dreamddp.core.timing import Clock
-from dreamddp.core.units import sync_units, units_fingerprint
+from dreamddp.core.units import SyncUnit, sync_units, units_fingerprint
 from dreamddp.planning.profile import Profile, Spread, UnitProfile
+from dreamddp.validation import non_negative_int, positive_int
 
 __all__ = ["profile_compute"]
 
+logger = logging.getLogger(__name__)
+
 Batch = tuple[Any, Any]
+
+
+@dataclass
+class _Sample:
+    """One measured iteration's clock marks (CPU ns or CUDA events, read at the end)."""
+
+    start: Any
+    forward_end: Any
+    backward_end: Any
+    step_end: Any
+    forward: list[list[tuple[Any, Any]]]  # per unit: (enter, exit) of each call of its module
+    ready: list[Any]  # per unit: when its last gradient was accumulated (None: never)
 
 
 def profile_compute(
@@ -41,10 +58,8 @@ def profile_compute(
     first ``warmup`` iterations are run but not measured. Times are medians with p10/p90.
     ``optimizer`` (optional) is stepped each iteration so its time is measured too.
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    positive_int("iters", iters)
+    non_negative_int("warmup", warmup)
     units = sync_units(model)
     if not units:
         raise ValueError("the model has no parameters or floating buffers: there is nothing to synchronise or profile")
@@ -66,7 +81,7 @@ def profile_compute(
             if p.requires_grad:
                 handles.append(p.register_post_accumulate_grad_hook(_ready_hook(i, grads_left, ready_mark, clock)))
 
-    samples: list[dict[str, Any]] = []
+    samples: list[_Sample] = []
     try:
         for step in range(warmup + iters):
             inputs, target = make_batch(step)
@@ -88,11 +103,7 @@ def profile_compute(
             t_step = clock.mark()
             if step >= warmup:
                 samples.append(
-                    {
-                        "marks": (t_start, t_forward, t_backward, t_step),
-                        "fwd": [list(m) for m in fwd_marks],
-                        "ready": list(ready_mark),
-                    }
+                    _Sample(t_start, t_forward, t_backward, t_step, [list(m) for m in fwd_marks], list(ready_mark))
                 )
         clock.settle()
     finally:
@@ -100,24 +111,26 @@ def profile_compute(
             handle.remove()
         model.zero_grad(set_to_none=True)
 
-    return _summarise(model, units, samples, clock, iters, warmup, device)
+    return _summarise(units, samples, clock, iters, warmup, device)
 
 
-def _pre_hook(i: int, open_calls: dict[int, list[Any]], clock: Clock):
+def _pre_hook(i: int, open_calls: dict[int, list[Any]], clock: Clock) -> Callable[[nn.Module, Any], None]:
     def hook(_module: nn.Module, _args: Any) -> None:
         open_calls.setdefault(i, []).append(clock.mark())
 
     return hook
 
 
-def _post_hook(i: int, open_calls: dict[int, list[Any]], fwd_marks: list[list[tuple[Any, Any]]], clock: Clock):
+def _post_hook(
+    i: int, open_calls: dict[int, list[Any]], fwd_marks: list[list[tuple[Any, Any]]], clock: Clock
+) -> Callable[[nn.Module, Any, Any], None]:
     def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
         fwd_marks[i].append((open_calls[i].pop(), clock.mark()))
 
     return hook
 
 
-def _ready_hook(i: int, grads_left: list[int], ready_mark: list[Any], clock: Clock):
+def _ready_hook(i: int, grads_left: list[int], ready_mark: list[Any], clock: Clock) -> Callable[[torch.Tensor], None]:
     def hook(_param: torch.Tensor) -> None:
         grads_left[i] -= 1
         if grads_left[i] == 0:
@@ -126,16 +139,17 @@ def _ready_hook(i: int, grads_left: list[int], ready_mark: list[Any], clock: Clo
     return hook
 
 
-def _summarise(model, units, samples, clock: Clock, iters: int, warmup: int, device: torch.device) -> Profile:
+def _summarise(
+    units: list[SyncUnit], samples: list[_Sample], clock: Clock, iters: int, warmup: int, device: torch.device
+) -> Profile:
     n = len(units)
-    forward_s = [[sum(clock.seconds(a, b) for a, b in s["fwd"][i]) for s in samples] for i in range(n)]
+    forward_s = [[sum(clock.seconds(a, b) for a, b in s.forward[i]) for s in samples] for i in range(n)]
     backward_windows: list[list[float]] = [[] for _ in range(n)]
     ready_at: list[list[float]] = [[] for _ in range(n)]
     for s in samples:
-        t_start, t_forward, _, _ = s["marks"]
-        ready = {i: clock.seconds(t_forward, m) for i, m in enumerate(s["ready"]) if m is not None}
+        ready = {i: clock.seconds(s.forward_end, m) for i, m in enumerate(s.ready) if m is not None}
         previous = 0.0
-        for i in sorted(ready, key=ready.get):
+        for i in sorted(ready, key=lambda unit: ready[unit]):
             backward_windows[i].append(max(0.0, ready[i] - previous))
             ready_at[i].append(ready[i])
             previous = ready[i]
@@ -154,10 +168,13 @@ def _summarise(model, units, samples, clock: Clock, iters: int, warmup: int, dev
         )
         for i in order
     )
+    never_ready = [units[i].name for i in range(n) if not ready_at[i]]
+    if never_ready:  # frozen or unused parameters: planned with no backward window of their own
+        logger.info("no gradient arrived for %d unit(s) while profiling: %s", len(never_ready), ", ".join(never_ready))
     totals = {
-        "forward_s": Spread.of([clock.seconds(s["marks"][0], s["marks"][1]) for s in samples]),
-        "backward_s": Spread.of([clock.seconds(s["marks"][1], s["marks"][2]) for s in samples]),
-        "optimizer_s": Spread.of([clock.seconds(s["marks"][2], s["marks"][3]) for s in samples]),
+        "forward_s": Spread.of([clock.seconds(s.start, s.forward_end) for s in samples]),
+        "backward_s": Spread.of([clock.seconds(s.forward_end, s.backward_end) for s in samples]),
+        "optimizer_s": Spread.of([clock.seconds(s.backward_end, s.step_end) for s in samples]),
     }
     return Profile(
         units=profiled,
@@ -171,7 +188,7 @@ def _summarise(model, units, samples, clock: Clock, iters: int, warmup: int, dev
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "iters": iters,
             "warmup": warmup,
-            "units_never_ready": [units[i].name for i in range(n) if not ready_at[i]],
+            "units_never_ready": never_ready,
         },
         spreads=totals,
     )

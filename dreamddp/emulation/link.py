@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import os
 import re
@@ -35,6 +36,8 @@ __all__ = [
     "describe_link",
     "sleep_until",
 ]
+
+logger = logging.getLogger(__name__)
 
 _RATE_UNITS = {  # tc's spelling: "bit" suffixes are bits/s, "bps" suffixes are bytes/s
     "bit": 1.0,
@@ -147,7 +150,7 @@ class _DeadlineThread:
             try:
                 fn()
             except Exception:  # one bad callback must not stop every later future on the link
-                pass
+                logger.exception("a simulated-link callback failed; later collectives go on")
 
 
 @dataclass
@@ -263,16 +266,16 @@ class SimulatedLink:
         is still outstanding (``booking.wait_release()`` then waits for it).
         """
         booking.finished = time.perf_counter() if finished is None else finished
-        released: list[Booking] = []
+        released: list[tuple[Booking, float]] = []
         with self._lock:
             self._finished[booking.seq] = booking
             while self._next_done in self._finished:
                 ready = self._finished.pop(self._next_done)
                 self._next_done += 1
                 ready.release = self._release_time(ready)
-                released.append(ready)
-        for ready in released:
-            ready._set_release(ready.release)
+                released.append((ready, ready.release))
+        for ready, release in released:
+            ready._set_release(release)
         return booking.release
 
     def _release_time(self, booking: Booking) -> float:
@@ -292,7 +295,11 @@ class SimulatedLink:
 
     def track(self, work: dist.Work, booking: Booking) -> None:
         """Complete ``booking`` from ``work``'s own completion callback (exact completion time)."""
-        work.get_future().add_done_callback(lambda _fut: self.complete(booking))
+
+        def on_done(_fut: torch.futures.Future) -> None:
+            self.complete(booking)
+
+        work.get_future().add_done_callback(on_done)
 
     def delay_future(
         self, fut: torch.futures.Future, booking: Booking, device: torch.device | None = None
@@ -304,7 +311,9 @@ class SimulatedLink:
         if self._timer is None:
             self._timer = _DeadlineThread()
         timer = self._timer
-        devices = [device] if device is not None and device.type == "cuda" else None
+        devices: list[int | str | torch.device] | None = (
+            [device] if device is not None and device.type == "cuda" else None
+        )
         out: torch.futures.Future = torch.futures.Future(devices=devices)
 
         def on_done(done: torch.futures.Future) -> None:

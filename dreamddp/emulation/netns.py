@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from dreamddp.emulation.link import SOFTWARE_DELAY_ENV, LinkSpec
+from dreamddp.ops.files import atomic_write
+from dreamddp.validation import is_int, positive_int, require
 
 __all__ = [
     "ClusterError",
@@ -51,6 +54,8 @@ __all__ = [
     "WAN_IFACE",
     "SOFTWARE_DELAY_ENV",
 ]
+
+logger = logging.getLogger(__name__)
 
 WAN_IFACE = "wan0"
 STATE_DIR_ENV = "DREAMDDP_STATE_DIR"
@@ -75,12 +80,9 @@ class ClusterSpec:
     master_port: int = 29500
 
     def __post_init__(self) -> None:
-        if isinstance(self.sites, bool) or not isinstance(self.sites, int) or self.sites < 1:
-            raise ClusterError(f"--sites must be an integer >= 1, got {self.sites!r}")
-        if isinstance(self.procs_per_site, bool) or not isinstance(self.procs_per_site, int) or self.procs_per_site < 1:
-            raise ClusterError(f"--procs-per-site must be an integer >= 1, got {self.procs_per_site!r}")
-        if not _NAME.match(self.name):
-            raise ClusterError(f"--name {self.name!r} must be 1-12 lower-case letters/digits, starting with a letter")
+        positive_int("--sites", self.sites, error=ClusterError)
+        positive_int("--procs-per-site", self.procs_per_site, error=ClusterError)
+        _check_name(self.name)
         try:
             self.wan_link  # noqa: B018 - parse to validate
             if self.lan:
@@ -100,8 +102,8 @@ class ClusterSpec:
             raise ClusterError(
                 f"--sites {self.sites} does not fit --subnet {self.subnet}: it has {hosts} host addresses"
             )
-        if not 1024 <= self.master_port <= 65535:
-            raise ClusterError(f"--master-port must be in 1024..65535, got {self.master_port!r}")
+        port = self.master_port
+        require(is_int(port) and 1024 <= port <= 65535, "--master-port", "in 1024..65535", port, ClusterError)
 
     @property
     def wan_link(self) -> LinkSpec:
@@ -137,6 +139,11 @@ class ClusterState:
     def software_delay(self) -> str:
         """The delay the collectives must add themselves (empty when the kernel adds it)."""
         return self.spec.wan_delay if self.delay_mode == "software" else ""
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise ClusterError(f"--name {name!r} must be 1-12 lower-case letters/digits, starting with a letter")
 
 
 def _state_path(name: str) -> Path:
@@ -242,14 +249,13 @@ def up(spec: ClusterSpec) -> ClusterState:
     except BaseException:
         try:
             down(spec.name)
-        except ClusterError:
-            pass  # the original failure is the one to report
+        except ClusterError as err:  # the original failure is the one to raise
+            logger.warning("could not remove the half-built cluster %r: %s", spec.name, err)
         raise
     path = _state_path(spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.to_dict(), indent=2))
-    tmp.replace(path)
+    with atomic_write(path, fsync=False) as f:
+        json.dump(state.to_dict(), f, indent=2)
     return state
 
 
@@ -305,8 +311,7 @@ def _remove_hosts_files(name: str) -> None:
 
 def down(name: str = "dreamddp") -> list[str]:
     """Remove the cluster's namespaces (and with them every veth, bridge and qdisc). Idempotent."""
-    if not _NAME.match(name):
-        raise ClusterError(f"--name {name!r} must be 1-12 lower-case letters/digits, starting with a letter")
+    _check_name(name)
     check_environment()
     removed = namespaces(name)
     for ns in removed:

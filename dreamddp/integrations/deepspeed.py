@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,11 @@ from dreamddp.core.schedule import Schedule
 from dreamddp.core.units import sync_units
 from dreamddp.emulation.link import SimulatedLink, link_from_settings
 from dreamddp.ops.checkpoint import save_atomic
+from dreamddp.validation import is_int, positive_int, positive_number, require
 
 __all__ = ["CLIENT_STATE_KEY", "CONFIG_SECTION", "check_supported", "initialize", "wrap"]
+
+logger = logging.getLogger(__name__)
 
 CONFIG_SECTION = "dreamddp"  # the DeepSpeed config section ``initialize`` reads
 CLIENT_STATE_KEY = "dreamddp"  # where the iteration counter rides in DeepSpeed's client state
@@ -180,7 +183,7 @@ def wrap(
     if "dreamddp" in engine.__dict__:
         raise ValueError("this DeepSpeed engine is already wrapped by DreamDDP")
     check_supported(engine)
-    if isinstance(schedule, int) and not isinstance(schedule, bool):
+    if is_int(schedule):
         schedule = Schedule.plsgd(sync_units(engine.module), schedule)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a dreamddp.Schedule or a period (int), got {type(schedule).__name__}")
@@ -326,10 +329,9 @@ class _EngineAdapter:
             self._load_local_state(local, load_module_strict, load_optimizer_states)
         elif counter is not None:
             self.ddp.set_extra_state(counter)
-            warnings.warn(
-                f"checkpoint {tag_dir} has DreamDDP's counter but no per-rank files: every rank resumes from rank 0's "
-                "weights",
-                stacklevel=2,
+            logger.warning(
+                "checkpoint %s has DreamDDP's counter but no per-rank files: every rank resumes from rank 0's weights",
+                tag_dir,
             )
         return path, client
 
@@ -423,8 +425,8 @@ def _parse_section(section: Any, base: Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_SECTION_KEYS)})")
     period = section.get("period")
-    if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 1):
-        raise ValueError(f"{where}: period must be an integer >= 1, got {period!r}")
+    if period is not None:
+        positive_int(f"{where}: period", period)
     schedule: Schedule | int | None = period
     if section.get("schedule") is not None:
         if not isinstance(section["schedule"], str):
@@ -435,15 +437,11 @@ def _parse_section(section: Any, base: Path) -> dict[str, Any]:
             raise ValueError(f"{where}: period {period} differs from the period {schedule.period} of {path}")
     if schedule is None:
         raise ValueError(f'{where} needs "period" or "schedule"')
-    bucket = section.get("bucket_cap_mb", 25.0)
-    if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not bucket > 0:
-        raise ValueError(f"{where}: bucket_cap_mb must be a number > 0, got {bucket!r}")
+    bucket = positive_number(f"{where}: bucket_cap_mb", section.get("bucket_cap_mb", 25.0))
     link = section.get("link", "")
-    if not isinstance(link, str):
-        raise ValueError(f"{where}: link must be a string such as '100mbit,20ms', got {link!r}")
+    require(isinstance(link, str), f"{where}: link", "a string such as '100mbit,20ms'", link)
     broadcast = section.get("broadcast_from_rank0", True)
-    if not isinstance(broadcast, bool):
-        raise ValueError(f"{where}: broadcast_from_rank0 must be true or false, got {broadcast!r}")
+    require(isinstance(broadcast, bool), f"{where}: broadcast_from_rank0", "true or false", broadcast)
     return {"schedule": schedule, "bucket_cap_mb": float(bucket), "link": link, "broadcast_from_rank0": broadcast}
 
 

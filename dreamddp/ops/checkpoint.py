@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dreamddp.ops.files import read_json, write_json_atomic
+from dreamddp.ops.files import atomic_write, read_json, write_json_atomic
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -59,40 +59,17 @@ def _rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry must reach the disk too."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary name, fsync, rename, fsync the directory: a crash leaves
     the old file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", fsync_dir=True) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def capture_rng() -> dict[str, Any]:
     """Every random stream a training step may draw from (dropout, data order, init)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form: (name, keys, pos, has_gauss, cached)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -163,10 +140,12 @@ class Checkpointer:
         dist.barrier()  # every rank's file is durable before the commit mark exists
         if self.rank == 0:
             write_json_atomic(
-                target / _META, {"format": CHECKPOINT_FORMAT, "step": step, "world_size": self.world_size, **meta}
+                target / _META,
+                {"format": CHECKPOINT_FORMAT, "step": step, "world_size": self.world_size, **meta},
+                fsync_dir=True,
             )
-            _fsync_dir(target)
-            _write_text_atomic(self.directory / _LATEST, target.name + "\n")
+            with atomic_write(self.directory / _LATEST, fsync_dir=True) as f:
+                f.write(target.name + "\n")
             self._prune(keep_name=target.name)
         return target
 

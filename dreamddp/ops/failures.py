@@ -21,6 +21,7 @@ and for rehearsing recovery on a real cluster.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -32,6 +33,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 __all__ = ["FaultPlan", "Heartbeat", "PeerFailure", "Terminated", "is_communication_error", "install_sigterm"]
+
+logger = logging.getLogger(__name__)
 
 _COMM_ERROR_MARKERS = (
     "gloo",
@@ -119,16 +122,18 @@ class Heartbeat:
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self.iteration = 0
         self._stop = threading.Event()
-        self._store = None
+        self._store: dist.Store | None = None
         try:
             base = dist.distributed_c10d._get_default_store()
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             # A clone: a connection of its own, so the short timeout below does not become the
             # job's store timeout (set_timeout passes through a PrefixStore), and the heartbeat
             # thread does not share a client with the main thread.
-            self._store = dist.PrefixStore(f"dreamddp/heartbeat/{attempt}", base.clone())
+            clone = base.clone()  # type: ignore[attr-defined]  # Store.clone exists at runtime; the stubs lag
+            self._store = dist.PrefixStore(f"dreamddp/heartbeat/{attempt}", clone)
             self._store.set_timeout(timedelta(seconds=max(5.0, 3 * interval_s)))
-        except Exception:  # noqa: BLE001 - no store: run without diagnosis rather than fail
+        except Exception as err:  # noqa: BLE001 - no store: run without diagnosis rather than fail
+            logger.debug("no c10d store for heartbeats (%s): a failed peer will not be named", err)
             self._store = None
         self._beats = 0
         self._thread = threading.Thread(target=self._run, name="dreamddp-heartbeat", daemon=True)
@@ -136,9 +141,15 @@ class Heartbeat:
             self._publish()
             self._thread.start()
 
+    @property
+    def _live_store(self) -> dist.Store:
+        """The store; only used once ``__init__`` found one (no store: nothing is published or read)."""
+        assert self._store is not None
+        return self._store
+
     def _publish(self) -> None:
         self._beats += 1
-        self._store.set(f"beat/{self.rank}", f"{self._beats} {self.iteration}")
+        self._live_store.set(f"beat/{self.rank}", f"{self._beats} {self.iteration}")
 
     def _run(self) -> None:
         # Publish at least every interval, and soon after the iteration moves, so a diagnosis
@@ -150,7 +161,8 @@ class Heartbeat:
                 continue
             try:
                 self._publish()
-            except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
+            except Exception as err:  # noqa: BLE001 - the store may be gone with a dead rank 0
+                logger.debug("heartbeat of rank %d stopped: %s", self.rank, err)
                 return
             last_sent, last_time = self.iteration, now
 
@@ -161,10 +173,10 @@ class Heartbeat:
         beats: dict[int, tuple[int, int] | None] = {}
         for r in range(self.world_size):
             try:
-                if not self._store.check([f"beat/{r}"]):
+                if not self._live_store.check([f"beat/{r}"]):
                     beats[r] = None
                     continue
-                count, iteration = self._store.get(f"beat/{r}").decode().split()
+                count, iteration = self._live_store.get(f"beat/{r}").decode().split()
                 beats[r] = (int(count), int(iteration))
             except Exception:  # noqa: BLE001
                 beats[r] = None
@@ -174,7 +186,7 @@ class Heartbeat:
         out = set()
         for r in range(self.world_size):
             try:
-                if self._store.check([f"gave_up/{r}"]):
+                if self._live_store.check([f"gave_up/{r}"]):
                     out.add(r)
             except Exception:  # noqa: BLE001
                 pass

@@ -17,14 +17,15 @@ a rank agree to the event resolution.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
 
 from dreamddp.core.timing import ObservedIteration
+from dreamddp.ops.files import atomic_write
 
 __all__ = ["IterationMarks", "TraceRecorder"]
 
@@ -110,7 +111,7 @@ class TraceRecorder:
                 continue
             # Hook times are relative to the end of DreamDDP's forward; place them on this clock.
             origin = seen.origin_ns if seen.origin_ns is not None else m.forward_end
-            at = lambda s: us(origin + int(s * 1e9))  # noqa: E731
+            at = functools.partial(_hook_time_us, origin, zero)
             previous = us(m.forward_end)
             for unit, ready in sorted(seen.ready_s.items(), key=lambda kv: kv[1]):
                 slice_(unit, 0, previous, at(ready) - previous, phase=m.phase, what="backward of unit")
@@ -149,7 +150,10 @@ class TraceRecorder:
             "displayTimeUnit": "ms",
             "metadata": {"method": method, "source": "measured", "world_size": len(gathered)},
         }
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(self.path, fsync=False) as f:  # a trace is looked at, never resumed from
             json.dump(trace, f)
-        os.replace(tmp, self.path)
+
+
+def _hook_time_us(origin_ns: int, zero_ns: int, seconds: float) -> float:
+    """A hook time (``seconds`` after ``origin_ns``) in trace microseconds since ``zero_ns``."""
+    return (origin_ns + int(seconds * 1e9) - zero_ns) / 1e3

@@ -20,13 +20,15 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.ops.outputs import check_writable
-from dreamddp.planning import fill_in, plan, simulate, simulate_method
+from dreamddp.planning import METHODS, fill_in, plan, simulate, simulate_method
 from dreamddp.planning.profile import CommModel, Profile
+from dreamddp.validation import non_negative_int
 
-__all__ = ["main", "predictions", "reprice"]
+__all__ = ["Prediction", "main", "predictions", "reprice"]
 
 AUTO_LIMIT = 64
 
@@ -37,9 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--period", required=True, help="H, or 'auto'")
     parser.add_argument("--out", required=True, help="where to write the schedule JSON")
     parser.add_argument("--link", help="re-price comm for this link, e.g. 100mbit,20ms")
-    parser.add_argument(
-        "--method", default="dreamddp", choices=["dreamddp", "contiguous", "paper", "plsgd", "local_sgd"]
-    )
+    parser.add_argument("--method", default="dreamddp", choices=METHODS)
     parser.add_argument("--no-fill", action="store_true", help="no extra syncs in idle link time")
     parser.add_argument(
         "--overlap",
@@ -64,12 +64,18 @@ def reprice(profile: Profile, link: LinkSpec) -> Profile:
     return profile.with_comm(CommModel(link.latency_s, ring * 8.0 / link.bandwidth_bps, None, (), str(link)))
 
 
-Row = tuple[str, "float | None", "float | None"]
+@dataclass(frozen=True)
+class Prediction:
+    """One row of the table: a method's predicted seconds per iteration under each overlap mode."""
+
+    name: str
+    backward_s: float | None  # with the paper's backward overlap; None where the mode does not apply
+    forward_s: float | None  # with forward overlap
 
 
-def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Row]:
-    """Predicted seconds per iteration of each method at this period: (name, with the paper's
-    backward overlap, with forward overlap), None where a mode does not apply.
+def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Prediction]:
+    """Predicted seconds per iteration of each method at this period, S-SGD first and the lower
+    bound last.
 
     plsgd and the paper's schedule are the same schedule in both columns; dreamddp is planned
     for each mode. The baselines as trained always block, so they have no forward figure.
@@ -83,13 +89,15 @@ def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Row]:
 
     backward = plan(profile, period, fill=False)
     forward = plan(profile, period, fill=False, overlap="forward")
-    rows: list[Row] = [
-        ("ssgd (torch DDP)", simulate_method(profile, "ssgd", 1).iteration_s, None),
-        ("local_sgd", simulate_method(profile, "local_sgd", period).iteration_s, None),
-        ("plsgd", *both(plan(profile, period, "plsgd"))),
-        ("paper (contiguous DFS)", *both(plan(profile, period, "paper", fill=False))),
-        ("dreamddp, no fill-in", simulate(profile, backward).iteration_s, simulate(profile, forward).iteration_s),
-        (
+    rows = [
+        Prediction("ssgd (torch DDP)", simulate_method(profile, "ssgd", 1).iteration_s, None),
+        Prediction("local_sgd", simulate_method(profile, "local_sgd", period).iteration_s, None),
+        Prediction("plsgd", *both(plan(profile, period, "plsgd"))),
+        Prediction("paper (contiguous DFS)", *both(plan(profile, period, "paper", fill=False))),
+        Prediction(
+            "dreamddp, no fill-in", simulate(profile, backward).iteration_s, simulate(profile, forward).iteration_s
+        ),
+        Prediction(
             "dreamddp + fill-in",
             simulate(profile, fill_in(backward, profile)).iteration_s,
             simulate(profile, fill_in(forward, profile)).iteration_s,
@@ -97,9 +105,9 @@ def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Row]:
     ]
     if max_delay:
         delayed = plan(profile, period, fill=False, overlap="forward", max_delay=max_delay)
-        rows.append((f"dreamddp, delays <= {max_delay}", None, simulate(profile, delayed).iteration_s))
+        rows.append(Prediction(f"dreamddp, delays <= {max_delay}", None, simulate(profile, delayed).iteration_s))
     lower = simulate(profile, backward).lower_bound_s / period
-    return rows + [("lower bound", lower, lower)]
+    return [*rows, Prediction("lower bound", lower, lower)]
 
 
 def auto_period(profile: Profile, overlap: str = "backward", max_delay: int = 0) -> int:
@@ -129,8 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(f"--{flag}", getattr(args, flag))  # before planning, which may take a while
         if args.link:
             profile = reprice(profile, LinkSpec.parse(args.link))
-        if args.max_delay < 0:
-            raise ValueError(f"--max-delay must be an integer >= 0, got {args.max_delay}")
+        non_negative_int("--max-delay", args.max_delay)
         if args.max_delay and args.overlap != "forward":
             raise ValueError(
                 "--max-delay needs --overlap forward: with backward overlap every average is waited for before the step"
@@ -154,14 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     schedule.to_json(args.out)
     rows = predictions(profile, period, args.max_delay)
-    ssgd, lower = rows[0][1], rows[-1][1]
+    ssgd, lower = rows[0].backward_s, rows[-1].backward_s
+    assert ssgd is not None and lower is not None  # S-SGD and the bound have a backward figure
     link = args.link or profile.metadata.get("link", "as profiled")
     print(f"predicted time per iteration, H = {period}{' (auto)' if args.period == 'auto' else ''}, link {link}:")
     print(f"{'':<26} {'backward overlap (paper)':>28} {'forward overlap':>28}")
     header = f"{'s / iter':>10} {'/ bound':>8} {'vs ssgd':>8}"
     print(f"{'method':<26} {header} {header}")
-    for name, backward_s, forward_s in rows:
-        print(f"{name:<26} {_cells(backward_s, ssgd, lower)} {_cells(forward_s, ssgd, lower)}")
+    for row in rows:
+        print(f"{row.name:<26} {_cells(row.backward_s, ssgd, lower)} {_cells(row.forward_s, ssgd, lower)}")
     predicted = simulate(profile, schedule)
     print(
         f"\n{args.method} schedule for {args.overlap} overlap ({schedule.syncs_per_period()} syncs per period"

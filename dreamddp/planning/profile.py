@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dreamddp.ops.files import read_json, write_json_atomic
+from dreamddp.validation import is_number, non_negative_int, require
 
 __all__ = ["PROFILE_FORMAT", "CommModel", "Profile", "Spread", "UnitProfile"]
 
@@ -107,8 +108,7 @@ class UnitProfile:
     backward_spread: Spread | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nbytes, int) or isinstance(self.nbytes, bool) or self.nbytes < 0:
-            raise ValueError(f"unit {self.name!r}: nbytes must be an integer >= 0, got {self.nbytes!r}")
+        non_negative_int(f"unit {self.name!r}: nbytes", self.nbytes)
         for what in ("forward_s", "backward_s", "comm_s"):
             _check_time(f"unit {self.name!r} {what}", getattr(self, what))
 
@@ -275,5 +275,4 @@ class Profile:
 
 
 def _check_time(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    require(is_number(value) and math.isfinite(value) and value >= 0, what, "a finite number >= 0", value)

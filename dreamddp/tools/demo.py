@@ -25,7 +25,7 @@ from dreamddp.planning import plan, simulate
 from dreamddp.planning.profile import Profile
 from dreamddp.tools.runner import TrainRunFailed, run_torchrun, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # dreamddp/tools/demo.py -> the checkout
 DEFAULT_CONFIG = REPO / "configs" / "gpt-tiny.toml"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,19 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from dreamddp.emulation.link import LinkSpec
+from dreamddp.validation import (
+    is_int,
+    non_negative_int,
+    non_negative_number,
+    positive_int,
+    positive_number,
+    require,
+)
 
 __all__ = ["ALGORITHMS", "DataConfig", "TrainConfig", "ExperimentConfig", "load_config", "apply_overrides"]
 
+# The training algorithms, in the order tables list them. The one list: the benchmark and its
+# report derive theirs from it.
 ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -40,9 +51,8 @@ class DataConfig:
 
         if self.name not in DATASETS:
             raise ValueError(f"data.name {self.name!r} is unknown; choose one of: {', '.join(DATASETS)}")
-        _positive_int("data.batch_size", self.batch_size)
-        _positive_int("data.seq_len", self.seq_len)
-        _positive_int("data.max_bytes", self.max_bytes)
+        for name in ("batch_size", "seq_len", "max_bytes"):
+            positive_int(f"data.{name}", getattr(self, name))
 
 
 @dataclass
@@ -97,29 +107,22 @@ class TrainConfig:
             )
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
-        _positive_int("train.steps", self.steps)
-        _positive_int("train.period", self.period)
-        _positive_int("train.eval_batches", self.eval_batches)
-        _positive_int("train.checkpoint_keep", self.checkpoint_keep)
-        _positive_int("train.trace_steps", self.trace_steps)
-        _positive_number("train.heartbeat_s", self.heartbeat_s)
+        for name in ("steps", "period", "eval_batches", "checkpoint_keep", "trace_steps"):
+            positive_int(f"train.{name}", getattr(self, name))
+        positive_number("train.heartbeat_s", self.heartbeat_s)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError(
                 f"train.checkpoint_every={self.checkpoint_every} needs train.checkpoint_dir (where the "
                 "checkpoints go): add --checkpoint-dir DIR, or set train.checkpoint_every=0"
             )
-        if (
-            isinstance(self.metrics_port, bool)
-            or not isinstance(self.metrics_port, int)
-            or not (self.metrics_port == 0 or 1 <= self.metrics_port <= 65535)
-        ):
-            raise ValueError(f"train.metrics_port must be 0 (off) or a port in 1..65535, got {self.metrics_port!r}")
+        port = self.metrics_port
+        require(is_int(port) and 0 <= port <= 65535, "train.metrics_port", "0 (off) or a port in 1..65535", port)
         for name in ("post_local_warmup", "eval_every", "timing_warmup", "seed", "lr_warmup", "checkpoint_every"):
-            _non_negative_int(f"train.{name}", getattr(self, name))
+            non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "bucket_cap_mb", "timeout_s"):
-            _positive_number(f"train.{name}", getattr(self, name))
+            positive_number(f"train.{name}", getattr(self, name))
         for name in ("momentum", "weight_decay", "grad_clip", "time_budget_s"):
-            _non_negative_number(f"train.{name}", getattr(self, name))
+            non_negative_number(f"train.{name}", getattr(self, name))
         if self.link:
             LinkSpec.parse(self.link)  # raises ValueError naming the malformed string
         if self.time_budget_s and not self.eval_every:
@@ -167,9 +170,9 @@ class ExperimentConfig:
                 f'config [model] needs a name, one of: {", ".join(MODELS)} (name = "gpt" in the file, '
                 "or --set model.name=gpt)"
             )
-        from dreamddp.training.models import build_model
+        from dreamddp.training.models import model_config
 
-        build_model(model["name"], {k: v for k, v in model.items() if k != "name"})  # validate now
+        model_config(model["name"], {k: v for k, v in model.items() if k != "name"})  # validate now
         return cls(
             model=model,
             data=_build(DataConfig, raw.get("data", {}), "data"),
@@ -177,7 +180,7 @@ class ExperimentConfig:
         )
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -198,7 +201,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     return ExperimentConfig.from_dict(apply_overrides(raw, overrides))
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``train.steps=50`` style overrides; values are read as TOML, else taken as strings."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
@@ -220,28 +223,8 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
         if key not in allowed:
             raise ValueError(f"config key {section}.{key} is unknown; allowed: {', '.join(allowed)}")
         expected = type(allowed[key].default)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        if expected is float and is_int(value):
             continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        if not isinstance(value, expected) or (expected is int and not is_int(value)):
             raise ValueError(f"config key {section}.{key} must be {expected.__name__}, got {value!r}")
     return cls(**values)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _non_negative_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-
-
-def _non_negative_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.ops.files import read_json
+from dreamddp.tools.bench.names import BENCH_ALGORITHMS, CONVERGENCE_FORMAT, FORWARD_VARIANTS, RESULTS_FORMAT
 
 __all__ = [
     "convergence_table",
@@ -30,21 +31,7 @@ __all__ = [
     "write_report",
 ]
 
-GRID_FORMAT = "dreamddp.bench/1"
-CONVERGENCE_FORMAT = "dreamddp.convergence/1"
 MISSING = "–"
-ALGORITHM_ORDER = (
-    "none",
-    "ssgd",
-    "local_sgd",
-    "post_local_sgd",
-    "plsgd",
-    "dreamddp",
-    "dreamddp+fill",
-    "dreamddp-forward",
-    "dreamddp-delayed",
-)
-FORWARD_VARIANTS = ("dreamddp-forward", "dreamddp-delayed")  # overlap="forward" (beyond the paper)
 PREDICTION_TOLERANCE = 0.10  # |measured - predicted| / predicted beyond this is flagged
 SLOW_LINK_BPS = 100e6  # links at or below this rate carry the slow-link targets
 FAST_LINK_BPS = 1e9  # links at or above it (or unshaped) carry the "no overhead" target
@@ -56,8 +43,8 @@ def load_results(path: str | Path) -> dict:
     """Read a grid or convergence file; ValueError naming the file if it is neither."""
     data = read_json(path, "benchmark results")
     found = data.get("format") if isinstance(data, dict) else None
-    if found not in (GRID_FORMAT, CONVERGENCE_FORMAT):
-        raise ValueError(f"{path}: format {found!r} is not {GRID_FORMAT!r} or {CONVERGENCE_FORMAT!r}")
+    if found not in (RESULTS_FORMAT, CONVERGENCE_FORMAT):
+        raise ValueError(f"{path}: format {found!r} is not {RESULTS_FORMAT!r} or {CONVERGENCE_FORMAT!r}")
     return data
 
 
@@ -138,8 +125,8 @@ def _grid_row(run: Run, ssgd: Run | None, local: Run | None, lower_bound: float 
     return [
         run["algorithm"],
         _num(t, ".3f"),
-        _times(_ratio(ssgd and ssgd.get("iter_s"), t)),
-        _times(_ratio(local and local.get("iter_s"), t)),
+        _times(_ratio(ssgd.get("iter_s") if ssgd else None, t)),
+        _times(_ratio(local.get("iter_s") if local else None, t)),
         _times(_ratio(t, lower_bound)),
         _num(run.get("predicted_iter_s"), ".3f"),
         _percent(_prediction_error(run)),
@@ -186,7 +173,7 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
     overhead one at links of at least 1 Gbit/s, each only where DreamDDP ran. ``met`` is None
     when the target applies but its comparison run (S-SGD, Local SGD, lower bound) is missing.
     """
-    _expect(results, GRID_FORMAT)
+    _expect(results, RESULTS_FORMAT)
     out: list[tuple[str, bool | None, str]] = []
 
     def check(what: str, value: float | None, ok: bool, shown: str) -> None:
@@ -253,7 +240,7 @@ def _summary(results: dict) -> list[str]:
 
 def grid_table(results: dict) -> str:
     """Markdown for a grid file: summary and targets first, then one table per link."""
-    _expect(results, GRID_FORMAT)
+    _expect(results, RESULTS_FORMAT)
     params = results.get("params")
     head = (
         f"Model {results.get('model', '?')} ({_num(params, '.2f', 1e-6)} M parameters), period H={results.get('period')}, "
@@ -320,11 +307,11 @@ def _model_section(model: dict) -> list[str]:
     ssgd = next((r for r in runs if r["algorithm"] == "ssgd"), None)
     target = ssgd.get("final_val_loss") if ssgd else None
     ssgd_at_n = _loss_at_step(ssgd, steps) if ssgd else None
-    ssgd_ttl = _time_to_loss(ssgd, target) if target is not None else None
+    ssgd_ttl = _time_to_loss(ssgd, target) if ssgd and target is not None else None
     rows = []
     for run in runs:
         at_n = _loss_at_step(run, steps)
-        loss = at_n and at_n["val_loss"]
+        loss = at_n["val_loss"] if at_n else None
         loss_text = _num(loss, ".3f") + ("" if not at_n or at_n["step"] == steps else f" (at {at_n['step']})")
         ttl = _time_to_loss(run, target) if target is not None else None
         reached = MISSING if target is None else ("not reached" if ttl is None else f"{ttl:.1f}")
@@ -337,7 +324,7 @@ def _model_section(model: dict) -> list[str]:
                 _percent(
                     _ratio(
                         None if loss is None or ssgd_at_n is None else loss - ssgd_at_n["val_loss"],
-                        ssgd_at_n and ssgd_at_n["val_loss"],
+                        ssgd_at_n["val_loss"] if ssgd_at_n else None,
                     )
                 ),
                 _num(run.get("final_val_loss"), ".3f"),
@@ -390,12 +377,12 @@ def _pyplot():
 def _algorithms(run_lists: list[list[Run]]) -> list[str]:
     """Every algorithm that appears, in the canonical order, unknown ones after in order of appearance."""
     seen = list(dict.fromkeys(r["algorithm"] for runs in run_lists for r in runs))
-    return [a for a in ALGORITHM_ORDER if a in seen] + [a for a in seen if a not in ALGORITHM_ORDER]
+    return [a for a in BENCH_ALGORITHMS if a in seen] + [a for a in seen if a not in BENCH_ALGORITHMS]
 
 
 def plot_iteration_times(results: dict, path: str | Path) -> None:
     """Grouped bars: seconds per iteration per link and algorithm, dashed lower bound per link."""
-    _expect(results, GRID_FORMAT)
+    _expect(results, RESULTS_FORMAT)
     plt = _pyplot()
     links = results.get("links", [])
     algos = _algorithms([link.get("runs", []) for link in links])
@@ -459,7 +446,7 @@ def write_report(results_path: str | None, convergence_path: str | None, out_dir
     plots = _can_plot()
     sections, images = ["# Benchmark report", ""], []
     parts = (
-        (results_path, GRID_FORMAT, "Time per iteration", "iteration_time.png", grid_table, plot_iteration_times),
+        (results_path, RESULTS_FORMAT, "Time per iteration", "iteration_time.png", grid_table, plot_iteration_times),
         (
             convergence_path,
             CONVERGENCE_FORMAT,

@@ -27,39 +27,29 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dreamddp.emulation.link import LinkSpec
+from dreamddp.ops.files import atomic_write
+from dreamddp.tools.bench.names import (
+    BENCH_ALGORITHMS,
+    CONVERGENCE_FORMAT,
+    DEFAULT_ALGORITHMS,
+    PLANNED,
+    RESULTS_FORMAT,
+)
 from dreamddp.tools.runner import TrainRunFailed, torchrun
-from dreamddp.training.config import ALGORITHMS, load_config
+from dreamddp.training.config import load_config
+from dreamddp.validation import is_int, require
+
+if TYPE_CHECKING:
+    from dreamddp.emulation.netns import ClusterState
 
 __all__ = ["BenchConfig", "Cluster", "main", "run_grid", "run_convergence", "BENCH_ALGORITHMS"]
 
 DEFAULT_LINKS = ("1gbit,5ms", "100mbit,20ms", "20mbit,50ms")
-# "dreamddp" is the planned schedule alone (the paper's backward overlap); "+fill" adds syncs in the
-# link's idle time; "-forward" plans and trains with overlap="forward" (averages land before each
-# unit's next forward); "-delayed" also lets units without a window land up to H-1 iterations late.
-PLANNED = {
-    "dreamddp": {"fill": False},
-    "dreamddp+fill": {"fill": True},
-    "dreamddp-forward": {"fill": False, "overlap": "forward"},
-    "dreamddp-delayed": {"fill": False, "overlap": "forward", "max_delay": -1},  # -1: up to H - 1
-}
-BENCH_ALGORITHMS = (*ALGORITHMS, *(name for name in PLANNED if name not in ALGORITHMS))
-DEFAULT_ALGORITHMS = (
-    "ssgd",
-    "local_sgd",
-    "post_local_sgd",
-    "plsgd",
-    "dreamddp",
-    "dreamddp+fill",
-    "dreamddp-forward",
-    "dreamddp-delayed",
-)
-RESULTS_FORMAT = "dreamddp.bench/1"
-CONVERGENCE_FORMAT = "dreamddp.convergence/1"
 
 
 @dataclass
@@ -99,8 +89,7 @@ class BenchConfig:
             ("--eval-every", self.eval_every),
             ("--repeats", self.repeats),
         ):
-            if value < 1:
-                raise ValueError(f"{what} must be >= 1, got {value}")
+            require(is_int(value) and value >= 1, what, ">= 1", value)
         if not self.configs:
             raise ValueError("--config: give at least one model config")
         for path in self.configs:
@@ -131,7 +120,7 @@ class Cluster:
 
     def __init__(self, cfg: BenchConfig, link: str, network: str, log_dir: Path) -> None:
         self.cfg, self.link, self.network, self.log_dir = cfg, link, network, log_dir
-        self.state = None
+        self.state: ClusterState | None = None
         self.delay_mode = "simulated"
         self.measured_rate_bps: float | None = None
 
@@ -171,10 +160,11 @@ class Cluster:
             return
         from dreamddp.emulation.cluster import run_on_sites
 
+        assert self.state is not None, "run_module on the emulated cluster needs `with cluster.up():`"
         command = [sys.executable, "-m", "torch.distributed.run", "-m", *module_args]
         env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        with open(log_path, "w", encoding="utf-8") as out:
-            code = run_on_sites(self.state, command, out=out, timeout=self.cfg.timeout_s, extra_env=env)
+        with open(log_path, "w", encoding="utf-8") as log:
+            code = run_on_sites(self.state, command, out=log, timeout=self.cfg.timeout_s, extra_env=env)
         if code != 0:
             tail = "\n".join(log_path.read_text().splitlines()[-20:])
             raise TrainRunFailed(f"{tag}: exited {code} on the emulated cluster:\n{tail}")
@@ -219,12 +209,7 @@ def _plan(
     from dreamddp.planning.profile import Profile
 
     profile = Profile.from_json(profile_path)
-    schedules = {}
-    for name, options in PLANNED.items():
-        options = dict(options)
-        if options.get("max_delay") == -1:
-            options["max_delay"] = max(0, period - 1)
-        schedules[name] = plan(profile, period, **options)
+    schedules = {name: plan(profile, period, **variant.plan_options(period)) for name, variant in PLANNED.items()}
     paths = {}
     for name, schedule in schedules.items():
         paths[name] = folder / f"schedule-{tag}-{name.replace('+', '-')}.json"
@@ -353,7 +338,7 @@ def run_convergence(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
             tag = Path(config).stem
             print(f"== convergence: {config} over {link} ({network}) ==", flush=True)
             schedules, _, _ = _profile_and_plan(cluster, cfg, config, out, tag)
-            model = {
+            model: dict[str, Any] = {
                 "config": config,
                 "model": load_config(config, cfg.overrides).model_name,
                 "steps": cfg.steps,
@@ -427,9 +412,9 @@ def _header(cfg: BenchConfig, config: str, command: str, fmt: str) -> dict[str, 
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    """Rewritten after every link or model: a reader (or a crash) sees the last complete state."""
+    with atomic_write(path, fsync=False) as f:
+        json.dump(data, f, indent=1)
 
 
 def _exit_on_sigterm(signum: int, _frame) -> None:

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from dreamddp.validation import is_int, positive_int, require
+
 DATASETS: tuple[str, ...] = ("stdlib-bytes", "digits", "synthetic")
 
 
@@ -25,23 +27,23 @@ class BatchSource(Protocol):
         ...
 
     def eval_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed list of up to ``n`` validation batches, identical on every call."""
+        """A fixed list of up to ``n`` validation batches, identical on every call.
+
+        ``n`` is ``train.eval_batches``, already checked (>= 1) where the config was loaded.
+        """
         ...
 
 
 def check_rank(rank: int, world_size: int) -> None:
     """Raise ``ValueError`` unless ``0 <= rank < world_size``."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    positive_int("world_size", world_size, allowed="a positive int")
+    require(is_int(rank) and 0 <= rank < world_size, "rank", f"in [0, world_size={world_size})", rank)
 
 
 def check_positive(**values: int) -> None:
     """Raise ``ValueError`` naming the first argument that is not an int >= 1."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(name, value, allowed="a positive int")
 
 
 def step_generator(seed: int, rank: int, step: int, stream: str = "train") -> torch.Generator:

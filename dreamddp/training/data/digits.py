@@ -88,7 +88,6 @@ class DigitsBatches:
         equally; if the validation set is smaller than one batch, it is
         returned whole as a single batch.
         """
-        check_positive(n=n)
         total = len(self.val_y)
         if total < self.batch_size:
             return [(self.val_x, self.val_y)]

@@ -35,5 +35,4 @@ class SyntheticTokens:
 
     def eval_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``n`` batches from a separate, rank-independent stream (same on every rank)."""
-        check_positive(n=n)
         return [self._draw(step_generator(self.seed, 0, i, stream="eval")) for i in range(n)]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dreamddp.training.data import check_positive, check_rank, step_generator
+from dreamddp.validation import is_number, require
 
 _EXCLUDED_DIRS = frozenset(
     {
@@ -77,9 +78,8 @@ def stdlib_bytes(max_bytes: int) -> bytes:
 
     Cached per process: walking and reading a few hundred files costs far more
     than the training steps of a small test run.  Files are read only until
-    ``max_bytes`` is reached.
+    ``max_bytes`` (checked by the caller, ``ByteCorpus.from_stdlib``) is reached.
     """
-    check_positive(max_bytes=max_bytes)
     chunks: list[bytes] = []
     total = 0
     for path in stdlib_source_files():
@@ -111,12 +111,8 @@ class ByteCorpus:
         from training text at the file level, except for the one file that
         straddles the boundary.
         """
-        if (
-            isinstance(val_fraction, bool)
-            or not isinstance(val_fraction, (int, float))
-            or not (0.0 < val_fraction < 1.0)
-        ):
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        require(is_number(val_fraction) and 0.0 < val_fraction < 1.0, "val_fraction", "in (0, 1)", val_fraction)
+        check_positive(max_bytes=max_bytes)
         data = stdlib_bytes(max_bytes)
         n_val = max(1, int(len(data) * val_fraction))
         if len(data) - n_val < 1:
@@ -183,7 +179,6 @@ class LMBatches:
         makes a small evaluation budget still sample the whole validation
         text.  Windows overlap only if they cannot all fit side by side.
         """
-        check_positive(n_batches=n_batches)
         if self.val_tokens is None:
             raise ValueError("eval_batches needs validation tokens: pass val_tokens=... to LMBatches")
         val = self.val_tokens

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import nn
@@ -11,42 +11,57 @@ from dreamddp.training.models.gpt import GPT, GPTConfig
 from dreamddp.training.models.llama import Llama, LlamaConfig
 from dreamddp.training.models.resnet import ResNet, ResNetConfig
 
-MODELS: dict[str, tuple[type, type]] = {
-    "gpt": (GPTConfig, GPT),
-    "llama": (LlamaConfig, Llama),
-    "resnet": (ResNetConfig, ResNet),
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model family: its config dataclass, its module, and the batches it consumes.
+
+    ``task`` is ``"lm"`` (token ids -> next-token logits) or ``"image"`` (images -> class
+    logits); the trainer picks its loss from it.
+    """
+
+    config: type
+    model: type[nn.Module]
+    task: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "gpt": ModelEntry(GPTConfig, GPT, "lm"),
+    "llama": ModelEntry(LlamaConfig, Llama, "lm"),
+    "resnet": ModelEntry(ResNetConfig, ResNet, "image"),
 }
 
-# What kind of batches a model consumes: token ids -> next-token logits ("lm"),
-# or images -> class logits ("image").  The trainer picks its loss from this.
-_TASKS: dict[str, str] = {"gpt": "lm", "llama": "lm", "resnet": "image"}
 
-
-def _lookup(name: str) -> tuple[type, type]:
+def _lookup(name: str) -> ModelEntry:
     try:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
-def build_model(name: str, options: dict[str, Any]) -> nn.Module:
-    """Instantiate model ``name`` with config fields from ``options``.
+def model_config(name: str, options: dict[str, Any]) -> Any:
+    """The validated config dataclass of model ``name`` built from ``options``.
 
-    Unknown keys are an error rather than ignored, so that a typo in a config
-    file cannot silently train a model of the default size.
+    Unknown keys are an error rather than ignored, so that a typo in a config file cannot
+    silently train a model of the default size. Cheap: a config file is checked with this,
+    without allocating the model's weights.
     """
-    config_cls, model_cls = _lookup(name)
+    config_cls = _lookup(name).config
     allowed = [f.name for f in fields(config_cls)]
     for key in options:
         if key not in allowed:
             raise ValueError(f"unknown option {key!r} for model {name!r}; allowed: {', '.join(allowed)}")
-    return model_cls(config_cls(**options))
+    return config_cls(**options)
+
+
+def build_model(name: str, options: dict[str, Any]) -> nn.Module:
+    """Instantiate model ``name`` with config fields from ``options`` (checked by ``model_config``)."""
+    return _lookup(name).model(model_config(name, options))
 
 
 def model_task(name: str) -> str:
     """``"lm"`` for language models (gpt, llama), ``"image"`` for classifiers (resnet)."""
-    _lookup(name)
-    return _TASKS[name]
+    return _lookup(name).task
 
 
 __all__ = [
@@ -55,8 +70,10 @@ __all__ = [
     "GPTConfig",
     "Llama",
     "LlamaConfig",
+    "ModelEntry",
     "ResNet",
     "ResNetConfig",
     "build_model",
+    "model_config",
     "model_task",
 ]

@@ -8,19 +8,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from dreamddp.validation import positive_int
+
 
 def require_positive_ints(config: object, names: tuple[str, ...]) -> None:
     """Raise ``ValueError`` if any of ``names`` on ``config`` is not an int >= 1.
 
     Shared by the model configs so that every bad value produces the same
-    one-line message naming the class, the field and the value.  ``bool`` is
-    rejected explicitly because ``True`` would otherwise pass as ``1``.
+    one-line message naming the class, the field and the value (``True`` is
+    not ``1`` here).
     """
     owner = type(config).__name__
     for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+        positive_int(f"{owner}.{name}", getattr(config, name), allowed="a positive int")
 
 
 def init_decoder_weights(model: nn.Module, residual_projections: Iterable[nn.Linear], n_layer: int) -> None:

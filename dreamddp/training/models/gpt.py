@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamddp.training.models.common import check_token_ids, init_decoder_weights, require_positive_ints
+from dreamddp.validation import is_number, require
 
 
 @dataclass
@@ -34,14 +35,8 @@ class GPTConfig:
         require_positive_ints(self, ("vocab_size", "block_size", "n_layer", "n_head", "d_model"))
         if self.d_model % self.n_head != 0:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not (0.0 <= self.dropout < 1.0)
-        ):
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
+        require(is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "GPTConfig.dropout", "in [0, 1)", self.dropout)
+        require(isinstance(self.bias, bool), "GPTConfig.bias", "a bool", self.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,13 +99,14 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.block_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        blocks = [Block(config) for _ in range(config.n_layer)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Weight tying: one Parameter object shared by input and output layers,
         # so it appears once in parameters() and is owned by wte.
         self.lm_head.weight = self.wte.weight
-        init_decoder_weights(self, [p for b in self.blocks for p in (b.attn.proj, b.mlp.proj)], config.n_layer)
+        init_decoder_weights(self, [p for b in blocks for p in (b.attn.proj, b.mlp.proj)], config.n_layer)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = check_token_ids(idx, self.config.block_size, "GPT")

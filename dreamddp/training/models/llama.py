@@ -17,12 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamddp.training.models.common import check_token_ids, init_decoder_weights, require_positive_ints
-
-
-def _positive_float(config: object, name: str) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{type(config).__name__}.{name} must be a positive number, got {value!r}")
+from dreamddp.validation import positive_number
 
 
 @dataclass
@@ -59,8 +54,8 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig.d_model={self.d_model} / n_head={self.n_head} must be even for rotary embeddings"
             )
-        _positive_float(self, "norm_eps")
-        _positive_float(self, "rope_theta")
+        for name in ("norm_eps", "rope_theta"):
+            positive_number(f"LlamaConfig.{name}", getattr(self, name), allowed="a positive number")
 
     @property
     def head_dim(self) -> int:
@@ -174,11 +169,15 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     """Llama-style language model returning next-token logits ``[B, T, vocab]``."""
 
+    rope_cos: torch.Tensor  # buffers, declared for the type checker
+    rope_sin: torch.Tensor
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        layers = [LlamaBlock(config) for _ in range(config.n_layer)]
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Derived from the config, so not state: keep them out of state_dict
@@ -186,7 +185,7 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        init_decoder_weights(self, [p for layer in self.layers for p in (layer.attn.o, layer.ffn.down)], config.n_layer)
+        init_decoder_weights(self, [p for layer in layers for p in (layer.attn.o, layer.ffn.down)], config.n_layer)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = check_token_ids(idx, self.config.block_size, "Llama")

@@ -1,0 +1,58 @@
+"""What the harness and the report share: the algorithms compared and the result formats.
+
+The algorithm names are the trainer's (``dreamddp.training.config.ALGORITHMS``); the planned
+DreamDDP variants are defined here, once. The harness reads them to know what to plan and
+train, the report to order its rows and to know which rows use forward overlap; the harness
+stamps its files with the formats below and the report refuses any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dreamddp.training.config import ALGORITHMS
+
+__all__ = [
+    "BENCH_ALGORITHMS",
+    "CONVERGENCE_FORMAT",
+    "DEFAULT_ALGORITHMS",
+    "FORWARD_VARIANTS",
+    "PLANNED",
+    "PlannedVariant",
+    "RESULTS_FORMAT",
+]
+
+RESULTS_FORMAT = "dreamddp.bench/1"  # results.json: the link x algorithm grid
+CONVERGENCE_FORMAT = "dreamddp.convergence/1"  # convergence.json: loss against time
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    """How one DreamDDP variant's schedule is planned; it trains as algorithm ``dreamddp``."""
+
+    fill: bool = False  # add syncs in the link's idle time
+    overlap: str = "backward"  # the wrapper mode planned (and then trained) for
+    max_delay: int | None = 0  # forward overlap: iterations an average may land late; None = H - 1
+
+    def plan_options(self, period: int) -> dict[str, Any]:
+        """Keyword arguments of ``dreamddp.planning.plan`` for period ``period``."""
+        max_delay = max(0, period - 1) if self.max_delay is None else self.max_delay
+        return {"fill": self.fill, "overlap": self.overlap, "max_delay": max_delay}
+
+
+# "dreamddp" is the planned schedule alone (the paper's backward overlap); "+fill" adds syncs in the
+# link's idle time; "-forward" plans and trains with overlap="forward" (averages land before each
+# unit's next forward); "-delayed" also lets units without a window land up to H-1 iterations late.
+PLANNED: dict[str, PlannedVariant] = {
+    "dreamddp": PlannedVariant(),
+    "dreamddp+fill": PlannedVariant(fill=True),
+    "dreamddp-forward": PlannedVariant(overlap="forward"),
+    "dreamddp-delayed": PlannedVariant(overlap="forward", max_delay=None),
+}
+# Every name the benchmark accepts, in the order tables and plots list them.
+BENCH_ALGORITHMS = (*ALGORITHMS, *(name for name in PLANNED if name not in ALGORITHMS))
+# "none" (no communication at all) is a reference floor, run on request, not a contender.
+DEFAULT_ALGORITHMS = tuple(name for name in BENCH_ALGORITHMS if name != "none")
+# The variants beyond the paper, which the report holds to their own targets.
+FORWARD_VARIANTS = tuple(name for name, variant in PLANNED.items() if variant.overlap == "forward")
