@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.dreamddp-installed
 
-.PHONY: setup demo test test-all bench bench-convergence bench-overhead clean
+.PHONY: setup demo test test-slow test-all lint bench bench-convergence bench-overhead clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The slow tier alone (longer multi-process runs); `make test` + `make test-slow` = `make test-all`.
+test-slow: setup
+	$(PY) -m pytest -m slow
+
 test-all: setup
 	$(PY) -m pytest -m ''
+
+# Lint, format check and type check, as CI runs them.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The default grid: 3 links x 6 algorithms on the emulated cluster (root; else simulated links).
 bench: setup
