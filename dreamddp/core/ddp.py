@@ -48,6 +48,7 @@ from dreamddp.core.state import SyncState, initial_order
 from dreamddp.core.timing import ObservedIteration
 from dreamddp.core.units import SyncUnit, sync_units
 from dreamddp.emulation.link import SimulatedLink
+from dreamddp.validation import positive_number
 
 __all__ = ["DreamDDP", "IterationStats", "TIMINGS_KEPT"]
 
@@ -113,8 +114,7 @@ class DreamDDP(nn.Module):
             raise ValueError(
                 f"the schedule delays {len(schedule.delays)} units, which needs overlap='forward', got {overlap!r}"
             )
-        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+        positive_number("bucket_cap_mb", bucket_cap_mb)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "DreamDDP needs an initialised process group: call torch.distributed.init_process_group() first"

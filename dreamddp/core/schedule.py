@@ -26,6 +26,7 @@ from typing import Any
 
 from dreamddp.core.units import SyncUnit
 from dreamddp.ops.files import read_json, write_json_atomic
+from dreamddp.validation import is_int, positive_int
 
 __all__ = ["OVERLAPS", "SCHEDULE_FORMAT", "Schedule"]
 
@@ -48,8 +49,7 @@ class Schedule:
     overlap: str = "backward"
 
     def __post_init__(self) -> None:
-        if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
-            raise ValueError(f"schedule period must be an integer >= 1, got {self.period!r}")
+        positive_int("schedule period", self.period)
         if not isinstance(self.assignment, Mapping):
             raise ValueError(
                 f"schedule assignment must map unit names to iterations, got {type(self.assignment).__name__}"
@@ -58,14 +58,13 @@ class Schedule:
         for name, iterations in self.assignment.items():
             if not isinstance(name, str):
                 raise ValueError(f"schedule unit names must be strings, got {name!r}")
-            if isinstance(iterations, int) and not isinstance(iterations, bool):
-                iterations = [iterations]
+            raw: Any = iterations  # from JSON or a caller: a single int is one iteration
             try:
-                its = list(iterations)
+                its = [raw] if is_int(raw) else list(raw)
             except TypeError:
                 raise ValueError(f"schedule: unit {name!r} must list iterations, got {iterations!r}") from None
             for h in its:
-                if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < self.period:
+                if not (is_int(h) and 0 <= h < self.period):
                     raise ValueError(f"schedule: unit {name!r} has iteration {h!r} outside [0, {self.period})")
             if not its:
                 raise ValueError(
@@ -87,7 +86,7 @@ class Schedule:
         for name, d in self.delays.items():
             if name not in self.assignment:
                 raise ValueError(f"schedule: delay {d!r} given for unit {name!r}, which the schedule does not average")
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            if not (is_int(d) and d >= 0):
                 raise ValueError(f"schedule: unit {name!r} has delay {d!r}; a delay must be an integer >= 0")
             if d == 0:
                 continue
@@ -242,5 +241,4 @@ def split_equal_bytes(sizes: Sequence[int], groups: int) -> list[list[int]]:
 
 
 def _check_period(period: int) -> None:
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"period must be an integer >= 1, got {period!r}")
+    positive_int("period", period)

@@ -39,11 +39,12 @@ def bucket_plans(
     """For each iteration of the period, its buckets in launch order.
 
     Scheduled units are walked in layout (= expected backward) order; a unit's slices extend
-    the open bucket while adjacent in the same flat buffer and within ``cap_bytes`` (counted
-    in whole elements of that buffer, at least one). Every bucket is therefore one
-    contiguous view.
+    the open bucket while adjacent in the same flat buffer and within ``cap_bytes``. Every
+    bucket is therefore one contiguous view. The cap is the planner's, in bytes (``cap_bytes /
+    element size`` elements, not rounded: a bucket is within it exactly when its bytes are),
+    so even a cap below one element packs as the cost model predicts.
     """
-    caps = {key: max(1, cap_bytes // flat.element_size()) for key, flat in enumerate(layout.flats)}
+    caps = {key: cap_bytes / flat.element_size() for key, flat in enumerate(layout.flats)}
     segments = [seg for unit_id in order for seg in layout.segments[unit_id]]
     index = {u.name: i for i, u in enumerate(units)}
     plans = []

@@ -17,6 +17,7 @@ from dreamddp.planning.search import (
     with_delays,
 )
 from dreamddp.planning.simulate import Timeline, check_overlap, simulate, simulate_method
+from dreamddp.validation import non_negative_int
 
 __all__ = [
     "METHODS",
@@ -63,8 +64,7 @@ def plan(
     if not isinstance(profile, Profile):
         raise TypeError(f"plan() needs a profiler.Profile, got {type(profile).__name__}")
     check_overlap(overlap)
-    if isinstance(max_delay, bool) or not isinstance(max_delay, int) or max_delay < 0:
-        raise ValueError(f"max_delay must be an integer >= 0, got {max_delay!r}")
+    non_negative_int("max_delay", max_delay)
     if max_delay and overlap != "forward":
         raise ValueError(
             f"max_delay={max_delay} needs overlap='forward': with backward overlap every average "

@@ -45,6 +45,7 @@ import numpy as np
 from dreamddp.core.schedule import Schedule
 from dreamddp.planning.profile import Profile
 from dreamddp.planning.simulate import CostModel, ForwardEngine, ForwardRun, Message, _lower_bound, check_overlap
+from dreamddp.validation import non_negative_int, positive_int
 
 __all__ = [
     "EXACT_FORWARD_EVALS",
@@ -70,8 +71,7 @@ class _Problem:
     """A profile and a period, validated, with the cost model both overlap modes price with."""
 
     def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be an integer >= 1, got {period!r}")
+        positive_int("period", period)
         self.profile = profile
         self.period = period
         self.names = profile.names
@@ -438,8 +438,7 @@ def _prune_delays(
 
 
 def _check_max_delay(max_delay: int) -> None:
-    if isinstance(max_delay, bool) or not isinstance(max_delay, int) or max_delay < 0:
-        raise ValueError(f"max_delay must be an integer >= 0, got {max_delay!r}")
+    non_negative_int("max_delay", max_delay)
 
 
 def best_forward(
