@@ -425,8 +425,17 @@ def two_rank_checkpoint(tmp_path_factory) -> Path:
     return _train_checkpoint(tmp_path_factory.mktemp("two-ranks"), 2)
 
 
+# Each CLI row starts a Python process (a few seconds each); these cover the config, the link, the
+# schedule file and a checkpoint in `make test`, and every row runs in the slow tier.
+FAST_CLI_CASES = {"period-zero", "malformed-link", "invalid-toml", "schedule-world-size-changed", "checkpoint-corrupt"}
+
+
 @pytest.mark.timeout(150)  # the checkpoint rows may first train the run they resume
-@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case",
+    [c if c.id in FAST_CLI_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CLI_CASES],
+    ids=lambda c: c.id,
+)
 def test_cli_bad_input_is_one_line(case: CliCase, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     extra = case.setup(tmp_path, request) if case.setup else []
     proc = _run(case.program, [*case.args, *extra], tmp_path, case.env, timeout=60)

@@ -46,6 +46,7 @@ def _is_png(path) -> bool:
     return path.exists() and path.stat().st_size > 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
     pytest.importorskip("matplotlib")

@@ -125,7 +125,10 @@ def _invariants(rank: int, world: int, model_name: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "scrambled", "tied"])
+@pytest.mark.parametrize(
+    "model_name",
+    [pytest.param("mlp", marks=pytest.mark.slow), "scrambled", pytest.param("tied", marks=pytest.mark.slow)],
+)
 def test_scheduled_units_identical_unscheduled_untouched(model_name):
     results = run_workers(_invariants, 2, model_name)
     assert results == [[], []], results
@@ -209,7 +212,10 @@ def _jobs(model_name: str, period: int) -> list[tuple[Schedule, str]]:
     return [(s, o) for s in schedules for o in ("momentum", "adamw")]
 
 
-@pytest.mark.parametrize("world,model_name", [(2, "mlp"), (4, "mlp"), (2, "tied")])
+@pytest.mark.parametrize(
+    "world,model_name",
+    [(2, "mlp"), pytest.param(4, "mlp", marks=pytest.mark.slow), pytest.param(2, "tied", marks=pytest.mark.slow)],
+)
 def test_parity_with_reference(world, model_name):
     steps, period = 7, 3
     jobs = _jobs(model_name, period)
@@ -391,13 +397,18 @@ def _bad_construction(rank: int, world: int, case: str) -> str:
             ]
             * 2,
         ),
-        ("extra_unit", ["models differ across ranks: rank 1 has unit 'extra' that rank 0 lacks"] * 2),
-        (
+        pytest.param(
+            "extra_unit",
+            ["models differ across ranks: rank 1 has unit 'extra' that rank 0 lacks"] * 2,
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             "schedule_one_rank",
             [
                 "rank 1: schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)",
                 "schedule misses unit 'bn': every unit must be averaged at least once per period (1 missing in all)",
             ],
+            marks=pytest.mark.slow,
         ),
         (
             "schedule_differs",
@@ -406,7 +417,11 @@ def _bad_construction(rank: int, world: int, case: str) -> str:
             ]
             * 2,
         ),
-        ("unknown_unit", ["schedule names unit 'ghost', which the model does not have (1 unknown in all)"] * 2),
+        pytest.param(
+            "unknown_unit",
+            ["schedule names unit 'ghost', which the model does not have (1 unknown in all)"] * 2,
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_construction_fails_every_rank_with_one_line(case, messages):

@@ -211,7 +211,9 @@ def _parity(rank: int, world: int, variant: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(
+    "variant", [v if v == "torch-sgd-momentum" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS]
+)
 def test_wrapped_engine_trains_like_dreamddp_and_sends_only_parameter_averages(variant):
     results = run_workers(_parity, 2, variant, timeout=TIMEOUT)
     for rank, r in enumerate(results):
@@ -353,6 +355,7 @@ def _refusals_and_section(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_unsupported_configs_are_refused_and_the_config_section_works(tmp_path):
     (r,) = run_workers(_refusals_and_section, 1, str(tmp_path), timeout=TIMEOUT)
     for name, (_, why) in REFUSED.items():
@@ -441,7 +444,7 @@ def test_checkpoint_resumes_mid_period_with_every_ranks_local_state(tmp_path):
 
 
 # ---------------------------------------------------------------------------- launch example
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_launch_example_trains(tmp_path, launcher):
     import subprocess
     import sys

@@ -40,6 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_hung_rank_is_named_within_the_timeout(tmp_path):
     port = _free_port()

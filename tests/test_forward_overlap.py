@@ -79,7 +79,14 @@ def _parity(rank: int, world: int, model_name: str, optimizer: str) -> dict:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("model_name,optimizer", [("mlp", "momentum"), ("tied", "adamw"), ("mlp", "adamw")])
+@pytest.mark.parametrize(
+    "model_name,optimizer",
+    [
+        pytest.param("mlp", "momentum", marks=pytest.mark.slow),
+        ("tied", "adamw"),
+        pytest.param("mlp", "adamw", marks=pytest.mark.slow),
+    ],
+)
 def test_forward_overlap_equals_paper_mode(model_name, optimizer):
     for r in run_workers(_parity, 2, model_name, optimizer, timeout=200):
         assert r["same_losses"] and r["same_params"] and r["same_state"], r
@@ -182,7 +189,9 @@ def _delayed(rank: int, world: int, model_name: str, optimizer: str, steps: int)
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("model_name,optimizer", [("mlp", "momentum"), ("tied", "adamw")])
+@pytest.mark.parametrize(
+    "model_name,optimizer", [pytest.param("mlp", "momentum", marks=pytest.mark.slow), ("tied", "adamw")]
+)
 def test_delayed_averaging_matches_reference_and_invariant(model_name, optimizer):
     # 8 steps: the last average of the delayed output unit is still in flight at the end and
     # lands in the final flush, in the wrapper as in the reference.

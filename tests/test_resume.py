@@ -106,7 +106,10 @@ def _assert_same(a, b, where: str) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("algorithm", ["dreamddp", "local_sgd", "post_local_sgd", "ssgd"])
+@pytest.mark.parametrize(
+    "algorithm",
+    ["dreamddp", *(pytest.param(a, marks=pytest.mark.slow) for a in ("local_sgd", "post_local_sgd", "ssgd"))],
+)
 def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
     extra = [f'train.algorithm="{algorithm}"']
     if algorithm == "post_local_sgd":

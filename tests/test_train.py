@@ -46,7 +46,10 @@ def model_bytes(config_overrides: list[str]) -> int:
     return sum(p.numel() * 4 for p in build_model(cfg.model_name, cfg.model_options).parameters())
 
 
-@pytest.mark.parametrize("algorithm", ["none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp"])
+@pytest.mark.parametrize(
+    "algorithm",
+    [pytest.param("none", marks=pytest.mark.slow), "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp"],
+)
 def test_every_algorithm_trains_under_torchrun(tmp_path, algorithm):
     summary = torchrun(tmp_path, "gpt-tiny.toml", TINY_GPT + [f"train.algorithm={algorithm}", "train.link=1gbit,1ms"])
     nbytes = model_bytes(TINY_GPT)
@@ -80,7 +83,9 @@ def test_every_algorithm_trains_under_torchrun(tmp_path, algorithm):
                 "train.steps=4",
             ],
         ),
-        ("resnet18-digits.toml", ["model.width=4", "data.batch_size=8", "train.steps=4"]),
+        pytest.param(
+            "resnet18-digits.toml", ["model.width=4", "data.batch_size=8", "train.steps=4"], marks=pytest.mark.slow
+        ),
     ],
 )
 def test_other_model_families_train_with_dreamddp(tmp_path, config, overrides):
@@ -161,6 +166,7 @@ def test_bad_config_is_one_line_error_before_any_process_group(override, message
     assert message in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluation_leaves_a_delayed_forward_overlap_run_unchanged(tmp_path):
     """Mid-run evaluation must not land (and then lose) a delayed average's correction.
 
