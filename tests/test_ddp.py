@@ -53,6 +53,19 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _unit_problems(ddp: DreamDDP, before: dict, scheduled, step: int) -> list[str]:
+    """After a backward: scheduled units identical on every rank, the others untouched by it."""
+    problems = []
+    for u in ddp.units:
+        for t, old in zip(u.tensors, before[u.name]):
+            if u.name in scheduled:
+                if not all(torch.equal(t, o) for o in _gather(t)):
+                    problems.append(f"step {step}: scheduled unit {u.name} differs across ranks")
+            elif not torch.equal(t, old):
+                problems.append(f"step {step}: unscheduled unit {u.name} was changed by backward")
+    return problems
+
+
 # --------------------------------------------------------------------------- S-SGD parity
 def _every_step_vs_ddp(rank: int, world: int, same_data: bool) -> dict:
     torch.manual_seed(0)
@@ -114,13 +127,7 @@ def _invariants(rank: int, world: int, model_name: str) -> list[str]:
             )
         if ddp.iteration != step + 1:
             problems.append(f"step {step}: iteration counter {ddp.iteration}")
-        for u in ddp.units:
-            for t, old in zip(u.tensors, before[u.name]):
-                if u.name in scheduled:
-                    if not all(torch.equal(t, o) for o in _gather(t)):
-                        problems.append(f"step {step}: scheduled unit {u.name} differs across ranks")
-                elif not torch.equal(t, old):
-                    problems.append(f"step {step}: unscheduled unit {u.name} was changed by backward")
+        problems += _unit_problems(ddp, before, scheduled, step)
         opt.step()
     return problems
 
@@ -161,13 +168,7 @@ def _switch_schedules(rank: int, world: int) -> dict:
         followed.append((ddp.last_stats.phase, ddp.last_stats.units))
         if counter.bytes != expected_bytes or ddp.last_stats.bytes_sent != expected_bytes:
             problems.append(f"step {step}: sent {counter.bytes} B, expected {expected_bytes}")
-        for u in ddp.units:
-            for t, old in zip(u.tensors, before[u.name]):
-                if u.name in scheduled:
-                    if not all(torch.equal(t, o) for o in _gather(t)):
-                        problems.append(f"step {step}: scheduled unit {u.name} differs across ranks")
-                elif not torch.equal(t, old):
-                    problems.append(f"step {step}: unscheduled unit {u.name} was changed by backward")
+        problems += _unit_problems(ddp, before, scheduled, step)
         opt.step()
     return {"problems": problems, "followed": followed, "schedule_is_second": ddp.schedule is second}
 

@@ -261,7 +261,6 @@ class CostModel:
         self.comm = [u.comm_s for u in profile.units]
         self.nbytes = [u.nbytes for u in profile.units]
         self.end = max(profile.backward_s, self.ready[-1] if self.ready else 0.0)
-        self.coalesce = profile.comm is not None
         self.cap = bucket_cap_mb * 2**20
         self.segments = _profile_segments(self.nbytes)
 
