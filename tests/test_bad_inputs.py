@@ -252,6 +252,12 @@ CLI_CASES = [
         "unknown-algorithm", "train", ("--set", "train.algorithm=fedavg"), ("'fedavg'", "local_sgd, post_local_sgd")
     ),
     CliCase("malformed-link", "train", ("--set", "train.link=100mbits,20ms"), ("'100mbits,20ms'", "mbit/gbit")),
+    CliCase(
+        "link-delay-unbounded", "train", ("--set", "train.link=100mbit,1e400ms"), ("'1e400ms'", "out of range", "60s")
+    ),
+    CliCase(
+        "link-rate-unbounded", "train", ("--set", "train.link=1e400mbit"), ("'1e400mbit'", "out of range", "1kbit")
+    ),
     CliCase("unknown-config-key", "train", ("--set", "train.epochs=3"), ("train.epochs", "allowed: algorithm, steps")),
     CliCase("wrong-value-type", "train", ("--set", "train.steps=ten"), ("train.steps", "'ten'", "must be int")),
     CliCase("unknown-flag", "train", ("--resume", "ckpt"), ("--resume ckpt", "--help")),

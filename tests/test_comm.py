@@ -38,6 +38,23 @@ def test_malformed_link_strings_get_one_line_errors(text):
     assert "\n" not in str(info.value) and repr(text) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        ("100mbit,1e400ms", "delay '1e400ms' is out of range; use 0 to 60s"),
+        ("100mbit,61s", "delay '61s' is out of range"),
+        ("1e400mbit", "rate '1e400mbit' is out of range"),
+        ("999bit,20ms", "rate '999bit' is out of range"),
+    ],
+)
+def test_unbounded_links_are_refused_at_the_edge(text, what):
+    """Past these a run hangs for hours or overflows a timer mid-run (1e400 parses as inf)."""
+    with pytest.raises(ValueError, match="malformed link") as info:
+        LinkSpec.parse(text)
+    assert what in str(info.value) and "\n" not in str(info.value)
+    assert LinkSpec.parse("1kbit,60s").latency_s == 60.0 and LinkSpec.parse("inf,20ms").latency_only
+
+
 def test_pack_buckets_respects_cap_dtype_and_order():
     ts = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64), torch.zeros(1)]
     assert pack_buckets(ts, cap_bytes=80) == [[0, 1], [2], [3], [4]]

@@ -51,6 +51,8 @@ _RATE_UNITS = {  # tc's spelling: "bit" suffixes are bits/s, "bps" suffixes are 
     "gbps": 8e9,
     "tbps": 8e12,
 }
+MIN_RATE_BPS = 1e3  # 1kbit: slower links would take hours per average
+MAX_DELAY_S = 60.0  # per collective; a WAN's is milliseconds
 _TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6}
 _QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
@@ -91,6 +93,15 @@ class LinkSpec:
         latency = _parse_quantity(parts[1], _TIME_UNITS, "delay", text) if len(parts) == 2 else 0.0
         if bandwidth <= 0:
             raise ValueError(f"malformed link {text!r}: rate must be > 0")
+        # Beyond these a run would hang for hours or overflow a timer mid-run (1e400ms is inf).
+        latency_only = parts[0].lower() in ("inf", "unlimited")
+        if not latency_only and not MIN_RATE_BPS <= bandwidth < math.inf:
+            raise ValueError(
+                f"malformed link {text!r}: rate {parts[0]!r} is out of range; use a finite rate of at least "
+                "1kbit (or 'inf' for latency only)"
+            )
+        if not 0 <= latency <= MAX_DELAY_S:
+            raise ValueError(f"malformed link {text!r}: delay {parts[1]!r} is out of range; use 0 to {MAX_DELAY_S:g}s")
         return cls(bandwidth_bps=bandwidth, latency_s=latency)
 
     @property
