@@ -249,6 +249,9 @@ TINY = ("--config", "tiny.toml")
 CLI_CASES = [
     CliCase("period-zero", "train", ("--set", "train.period=0"), ("train.period", "got 0", ">= 1")),
     CliCase(
+        "period-unbounded", "train", ("--set", "train.period=100000000"), ("train.period", "got 100000000", "at most")
+    ),
+    CliCase(
         "unknown-algorithm", "train", ("--set", "train.algorithm=fedavg"), ("'fedavg'", "local_sgd, post_local_sgd")
     ),
     CliCase("malformed-link", "train", ("--set", "train.link=100mbits,20ms"), ("'100mbits,20ms'", "mbit/gbit")),
@@ -375,6 +378,13 @@ CLI_CASES = [
         "plan",
         ("--profile", "profile.json", "--period", "2", "--out", "runs/schedule.json"),
         ("'runs/schedule.json'", "writable directory"),
+        setup=_good_profile,
+    ),
+    CliCase(
+        "plan-period-unbounded",
+        "plan",
+        ("--profile", "profile.json", "--period", "100000", "--out", "schedule.json"),
+        ("got 100000", "at most 256"),
         setup=_good_profile,
     ),
     CliCase(

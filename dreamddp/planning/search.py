@@ -45,7 +45,7 @@ import numpy as np
 from dreamddp.core.schedule import Schedule
 from dreamddp.planning.profile import Profile
 from dreamddp.planning.simulate import CostModel, ForwardEngine, ForwardRun, Message, _lower_bound, check_overlap
-from dreamddp.validation import non_negative_int, positive_int
+from dreamddp.validation import non_negative_int, positive_int, require
 
 __all__ = [
     "EXACT_FORWARD_EVALS",
@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 EXACT_MAX_UNITS = 10  # subset DP up to here (H * 3^10 ~ 0.2 M steps); local search beyond
+MAX_PLAN_PERIOD = 256  # longest period the searches plan (the paper DFS recurses two frames per iteration of H)
 EXACT_FORWARD_EVALS = 2048  # exhaustive forward search up to this many simulations (~0.1-0.3 s)
 _EPS = 1e-12
 
@@ -72,6 +73,8 @@ class _Problem:
 
     def __init__(self, profile: Profile, period: int, bucket_cap_mb: float = 25.0) -> None:
         positive_int("period", period)
+        # The paper's DFS recurses once per iteration of the period, and every search's cost grows with H.
+        require(period <= MAX_PLAN_PERIOD, "period", f"at most {MAX_PLAN_PERIOD} to plan a schedule", period)
         self.profile = profile
         self.period = period
         self.names = profile.names

@@ -34,6 +34,7 @@ __all__ = ["ALGORITHMS", "DataConfig", "TrainConfig", "ExperimentConfig", "load_
 
 # The training algorithms, in the order tables list them. The one list: the benchmark and its
 # report derive theirs from it.
+MAX_PERIOD = 100_000  # H beyond any real run; the wrapper holds one bucket plan per iteration of it
 ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
         for name in ("steps", "period", "eval_batches", "checkpoint_keep", "trace_steps"):
             positive_int(f"train.{name}", getattr(self, name))
+        # The wrapper keeps a bucket plan per iteration of the period: an absurd H exhausts memory, not a run.
+        require(self.period <= MAX_PERIOD, "train.period", f"at most {MAX_PERIOD}", self.period)
         positive_number("train.heartbeat_s", self.heartbeat_s)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError(
