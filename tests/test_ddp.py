@@ -91,6 +91,7 @@ def test_every_step_equals_torch_ddp_on_same_data():
     assert all(r["max_diff"] <= 1e-6 for r in results), results
 
 
+@pytest.mark.slow
 def test_every_step_differs_from_ddp_on_different_data():
     # Averaging happens before the step, so each gradient is taken at un-averaged weights:
     # with different data per rank the trajectories must part.

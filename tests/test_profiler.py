@@ -240,7 +240,7 @@ def test_wrapper_records_real_timings_and_refresh_recovers_them():
         assert r["beta"] == pytest.approx(8 / 80e6, rel=0.15)
 
 
-@pytest.mark.parametrize("flag,value", [("--iters", "0"), ("--repeats", "0")])
+@pytest.mark.parametrize("flag,value", [("--iters", "0"), pytest.param("--repeats", "0", marks=pytest.mark.slow)])
 def test_profile_cli_rejects_bad_counts_in_one_line(flag, value):
     import subprocess
     import sys

@@ -95,6 +95,7 @@ def test_other_model_families_train_with_dreamddp(tmp_path, config, overrides):
     assert summary["bytes_per_iter"] > 0 and summary["val_loss"] > 0
 
 
+@pytest.mark.slow  # the period test below trains from a schedule file in the fast tier
 def test_schedule_file_is_used(tmp_path):
     from dreamddp import Schedule, sync_units
     from dreamddp.training.config import load_config
