@@ -55,3 +55,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("[train\nsteps = 1")
     with pytest.raises(ValueError, match="is not valid TOML"):
         load_config(bad)
+
+
+def test_every_configurable_algorithm_has_a_strategy():
+    """config.ALGORITHMS is the one list: the trainer must build a strategy for each name, and no other."""
+    from dreamddp.training.config import ALGORITHMS
+    from dreamddp.training.strategies import _STRATEGIES, SCHEDULED
+
+    assert sorted([*_STRATEGIES, *SCHEDULED]) == sorted(ALGORITHMS)

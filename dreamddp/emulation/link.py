@@ -86,7 +86,8 @@ class LinkSpec:
         parts = [p.strip() for p in text.split(",")]
         if len(parts) > 2:
             raise ValueError(f"malformed link {text!r}: expected 'RATE[,DELAY]' such as '100mbit,20ms'")
-        if parts[0].lower() in ("inf", "unlimited"):
+        latency_only = parts[0].lower() in ("inf", "unlimited")
+        if latency_only:
             bandwidth = math.inf
         else:
             bandwidth = _parse_quantity(parts[0], _RATE_UNITS, "rate", text)
@@ -94,7 +95,6 @@ class LinkSpec:
         if bandwidth <= 0:
             raise ValueError(f"malformed link {text!r}: rate must be > 0")
         # Beyond these a run would hang for hours or overflow a timer mid-run (1e400ms is inf).
-        latency_only = parts[0].lower() in ("inf", "unlimited")
         if not latency_only and not MIN_RATE_BPS <= bandwidth < math.inf:
             raise ValueError(
                 f"malformed link {text!r}: rate {parts[0]!r} is out of range; use a finite rate of at least "
