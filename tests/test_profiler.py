@@ -186,7 +186,9 @@ def test_profile_cli_under_torchrun(tmp_path):
     profile = Profile.from_json(out)
     assert profile.names[0] == "ln_f" and profile.names[-1] == "wte"  # backward order
     assert profile.metadata["world_size"] == 2 and profile.metadata["host"]["cpus"] >= 1
-    assert profile.comm.alpha_s == pytest.approx(0.005, rel=0.5)
+    # The simulated 5 ms is a floor on the fitted latency; the real gloo latency on top of it varies with the
+    # machine's load (7.8 ms was seen on CI), so only the floor and a loose ceiling are checked.
+    assert 0.0025 <= profile.comm.alpha_s <= 0.025, profile.comm
     assert all(u.comm_s > 0 for u in profile.units)
 
 
