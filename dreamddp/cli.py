@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("dreamddp.tools.train", "train a model (run under torchrun for several workers)"),
     "profile": ("dreamddp.tools.profile", "measure per-unit compute and fit the comm model (under torchrun)"),
     "plan": ("dreamddp.planning.cli", "plan a schedule from a profile and predict every method's time"),
+    "checkpoint": ("dreamddp.tools.checkpoint", "verify a checkpoint directory against its checksums"),
     "demo": ("dreamddp.tools.demo", "S-SGD vs Local SGD vs DreamDDP over a simulated slow link"),
     "cluster": ("dreamddp.emulation.cluster", "emulated geo-distributed cluster: network namespaces + tc (root)"),
     "bench": ("dreamddp.tools.bench.run", "every algorithm over the same throttled links; results + report"),
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: dreamddp <command> [args]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:8} {help_text}")
+            print(f"  {name:10} {help_text}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -156,3 +156,23 @@ def _check_averaged_export(directory: Path) -> None:
         torch.testing.assert_close(averaged[k], (ranks[0][k] + ranks[1][k]) / 2, msg=k)
     committed = [d for d in directory.glob("step-*") if (d / "meta.json").exists()]
     assert committed and all((d / "averaged.pt").exists() for d in committed), "every checkpoint has its export"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_truncated_latest_checkpoint_falls_back_on_every_rank(tmp_path):
+    """Rank 1's file of the latest checkpoint is cut short: both ranks resume from the one before."""
+    first = _torchrun(tmp_path, "run", ["train.steps=6", "train.checkpoint_every=3"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    rank1 = tmp_path / "run" / "step-00000006" / "rank-00001.pt"
+    rank1.write_bytes(rank1.read_bytes()[:1000])
+    resumed = _torchrun(tmp_path, "run", ["train.steps=8", "train.checkpoint_every=3"], max_restarts=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    notices = [line for line in resumed.stderr.splitlines() if "failed verification" in line]
+    assert len(notices) == 1, resumed.stderr[-3000:]  # said once, by rank 0, for the whole job
+    assert "step-00000006 (rank 1: rank-00001.pt has 1000 bytes" in notices[0]
+    assert "resuming from step-00000003 instead" in notices[0]
+    records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert [(r["step"], r["attempt"]) for r in resumes] == [(3, 0)]  # the first attempt, no restart needed

@@ -12,6 +12,13 @@ Every file is written to a temporary name, fsynced and renamed into place, so a 
 either the old file or the new one. Rank files hold only tensors and plain Python values and
 are read back with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 
+Atomic renames do not protect against what happens to a file *after* it is written (a flipped
+bit, a truncated copy, a half-synced network file system), and ``torch.load`` happily returns a
+tensor with damaged bytes in it. So every file's SHA-256 and size, taken while it is written,
+go into the commit mark, and a file is verified before it is loaded. On resume the ranks agree
+on the newest checkpoint whose every rank file verifies: a damaged latest checkpoint is
+reported in one line and the one before it is used; only when none verifies is it an error.
+
 The checkpoint records the model's sync units, the world size and the schedule; resuming with
 a different model, world size or schedule is refused with one line naming the difference,
 instead of loading state that does not belong to this run.
@@ -19,12 +26,14 @@ instead of loading state that does not belong to this run.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -35,12 +44,18 @@ from dreamddp.ops.files import atomic_write, read_json, write_json_atomic
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "CheckpointWriteError",
     "Checkpointer",
     "capture_rng",
+    "check_file",
+    "file_digest",
     "restore_rng",
     "save_atomic",
     "unit_signatures",
+    "verify_checkpoint",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dreamddp.checkpoint/1"
 _LATEST = "latest"
@@ -51,6 +66,36 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from, with the reason in one line."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
+class _DigestingWriter:
+    """A file object that hashes what passes through it: the digest costs no second read."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sha256.update(view)
+        self.size += len(view)
+        return self._f.write(view)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"sha256": hex, "bytes": n}`` of a file as it is on disk."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
 def _step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -59,11 +104,36 @@ def _rank_file_name(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+def check_file(path: Path, expected: dict[str, Any]) -> str | None:
+    """Why ``path`` is not the file its digest describes (missing, truncated, altered), or None."""
+    try:
+        actual = file_digest(path)
+    except OSError as err:
+        return f"{path.name} cannot be read ({err.strerror or type(err).__name__})"
+    if actual["bytes"] != expected.get("bytes"):
+        return f"{path.name} has {actual['bytes']} bytes, {expected.get('bytes')} were written"
+    if actual["sha256"] != expected.get("sha256"):
+        return f"{path.name} does not match its SHA-256 (its bytes changed after it was written)"
+    return None
+
+
+def save_atomic(obj: Any, path: Path) -> dict[str, Any]:
     """``torch.save`` to a temporary name, fsync, rename, fsync the directory: a crash leaves
-    the old file or the new one, never half of one."""
-    with atomic_write(path, "wb", fsync_dir=True) as f:
-        torch.save(obj, f)
+    the old file or the new one, never half of one. Returns the file's digest (``file_digest``)."""
+    try:
+        with atomic_write(path, "wb", fsync_dir=True) as f:
+            writer = _DigestingWriter(f)
+            torch.save(obj, writer)  # type: ignore[arg-type]  # any object with write() will do
+    except RuntimeError as err:
+        # A failed write (a full disk) surfaces from torch's zip writer as "unexpected pos";
+        # the OSError that caused it is what the user needs to see.
+        cause = err.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+    return {"sha256": writer.sha256.hexdigest(), "bytes": writer.size}
 
 
 def capture_rng() -> dict[str, Any]:
@@ -128,26 +198,60 @@ class Checkpointer:
 
         ``state`` is this rank's; ``meta`` (JSON-able, rank 0's is written) describes the run;
         ``shared`` maps file names to objects rank 0 writes beside the rank files (the
-        averaged model), before the commit mark like everything else.
+        averaged model), before the commit mark like everything else. A rank that cannot write
+        (disk full) fails every rank with CheckpointWriteError naming it; the half-written
+        directory is removed and the checkpoints committed before stay as they were.
         """
         target = self.directory / _step_dir_name(step)
-        target.mkdir(parents=True, exist_ok=True)
         payload = {"format": CHECKPOINT_FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size, **state}
-        save_atomic(payload, target / _rank_file_name(self.rank))
-        if self.rank == 0:
-            for name, obj in (shared or {}).items():
-                save_atomic(obj, target / name)
-        dist.barrier()  # every rank's file is durable before the commit mark exists
-        if self.rank == 0:
+
+        def write_parts() -> dict[str, Any]:
+            target.mkdir(parents=True, exist_ok=True)
+            files = {_rank_file_name(self.rank): save_atomic(payload, target / _rank_file_name(self.rank))}
+            if self.rank == 0:
+                for name, obj in (shared or {}).items():
+                    files[name] = save_atomic(obj, target / name)
+            return files
+
+        # The gather doubles as the barrier: every rank's file is durable before the commit mark exists.
+        parts = self._everyone(step, target, write_parts)
+        files = {name: digest for part in parts for name, digest in part.items()}
+
+        def commit() -> None:
+            if self.rank != 0:
+                return
             write_json_atomic(
                 target / _META,
-                {"format": CHECKPOINT_FORMAT, "step": step, "world_size": self.world_size, **meta},
+                {"format": CHECKPOINT_FORMAT, "step": step, "world_size": self.world_size, "files": files, **meta},
                 fsync_dir=True,
             )
             with atomic_write(self.directory / _LATEST, fsync_dir=True) as f:
                 f.write(target.name + "\n")
+
+        self._everyone(step, target, commit)  # a failed commit stops every rank, not only rank 0
+        if self.rank == 0:
             self._prune(keep_name=target.name)
         return target
+
+    def _everyone(self, step: int, target: Path, part: Any) -> list[Any]:
+        """Run ``part`` on every rank and gather the results; one rank's OSError fails all alike."""
+        result, problem = None, None
+        try:
+            result = part()
+        except OSError as err:
+            where = err.filename or target
+            problem = f"{err.strerror or type(err).__name__}: {where}"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (problem, result))
+        for r, (p, _) in enumerate(gathered):
+            if p is not None:
+                if self.rank == 0:
+                    shutil.rmtree(target, ignore_errors=True)  # never leave half a checkpoint
+                raise CheckpointWriteError(
+                    f"the checkpoint at iteration {step} could not be written (rank {r}: {p}); "
+                    f"the checkpoints committed before it in {self.directory} are intact"
+                )
+        return [r for _, r in gathered]
 
     def _prune(self, keep_name: str) -> None:
         complete = sorted(p for p in self.directory.glob("step-*") if (p / _META).exists())
@@ -156,41 +260,63 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     # -------------------------------------------------------------------- read
-    def latest_step(self) -> int | None:
-        """The newest committed checkpoint's step, or None (rank-local view of the directory)."""
-        pointer = self.directory / _LATEST
-        candidates = []
-        if pointer.exists():
-            candidates.append(self.directory / pointer.read_text(encoding="utf-8").strip())
-        # ``latest`` may be missing (written last) or stale: fall back to the newest committed.
-        candidates += sorted(self.directory.glob("step-*"), reverse=True)
-        for path in candidates:
-            if (path / _META).exists():
-                try:
-                    meta = read_json(path / _META, "checkpoint metadata")
-                    return int(meta["step"])
-                except (ValueError, KeyError, TypeError) as err:
-                    reason = err if isinstance(err, ValueError) else f"{_META} has no step"
-                    raise CheckpointError(
-                        f"{reason}; delete {path} to resume from the checkpoint before it, "
-                        "or use another checkpoint directory"
-                    ) from None
-        return None
+    def committed(self) -> list[Path]:
+        """Committed checkpoint directories (those with a commit mark), newest first."""
+        return sorted((p for p in self.directory.glob("step-*") if (p / _META).exists()), reverse=True)
 
-    def agreed_latest_step(self, device: torch.device) -> int | None:
-        """Rank 0's latest step, on every rank: all ranks must resume from the same one."""
-        # Rank 0's answer or its error travel together: an unreadable meta.json must fail every
-        # rank with rank 0's line, not leave the others waiting in the broadcast.
-        answer: list[Any] = [None, None]
-        if self.rank == 0:
-            try:
-                answer[0] = self.latest_step()
-            except ValueError as err:
-                answer[1] = str(err)
-        dist.broadcast_object_list(answer, src=0, device=device if device.type == "cuda" else None)
-        if answer[1] is not None:
-            raise CheckpointError(answer[1] if self.rank == 0 else f"rank 0: {answer[1]}")
-        return answer[0]
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The commit mark of the checkpoint at ``step`` (ValueError, one line, if unreadable)."""
+        meta = read_json(self.directory / _step_dir_name(step) / _META, "checkpoint metadata")
+        if not isinstance(meta, dict):
+            raise CheckpointError(
+                f"checkpoint metadata {self.directory / _step_dir_name(step) / _META} is not an object"
+            )
+        return meta
+
+    def verify(self, path: Path) -> str | None:
+        """Why this rank cannot resume from ``path`` (its metadata or its file is damaged), or None."""
+        try:
+            meta = read_json(path / _META, "checkpoint metadata")
+            int(meta["step"])
+        except (ValueError, KeyError, TypeError) as err:
+            return str(err) if isinstance(err, ValueError) else f"{path / _META} has no step"
+        name = _rank_file_name(self.rank)
+        if "files" not in meta:
+            logger.warning("checkpoint %s predates checksums: %s is loaded unverified", path, name)
+            return None
+        expected = meta["files"].get(name)
+        if expected is None:
+            return f"its metadata lists no {name}"
+        return check_file(path / name, expected)
+
+    def agreed_resume_step(self, device: torch.device) -> int | None:
+        """Collective: the newest checkpoint whose every rank file verifies, the same on every rank.
+
+        Rank 0 lists the candidates (the directory is shared; its view decides); each rank checks
+        its own file. A damaged newer checkpoint is skipped with one warning naming it; when every
+        checkpoint is damaged the error names each.
+        """
+        names: list[Any] = [[p.name for p in self.committed()] if self.rank == 0 else None]
+        dist.broadcast_object_list(names, src=0, device=device if device.type == "cuda" else None)
+        skipped: list[str] = []
+        for name in names[0]:
+            problem = self.verify(self.directory / name)
+            problems: list[Any] = [None] * self.world_size
+            dist.all_gather_object(problems, problem)
+            bad = [(r, p) for r, p in enumerate(problems) if p is not None]
+            if not bad:
+                if skipped and self.rank == 0:
+                    logger.warning(
+                        "checkpoint %s failed verification; resuming from %s instead", "; ".join(skipped), name
+                    )
+                return int(name.removeprefix("step-"))
+            skipped.append(f"{name} (rank {bad[0][0]}: {bad[0][1]})")
+        if skipped:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} verifies: {'; '.join(skipped)}; "
+                "delete the damaged ones or use another checkpoint directory"
+            )
+        return None
 
     def load(self, step: int, expect: dict[str, Any]) -> dict[str, Any]:
         """This rank's state at ``step``, checked against what this run is (``expect``).
@@ -230,10 +356,34 @@ class Checkpointer:
             _check_units(state.get("units", []), expect["units"], path.parent)
         if "schedule" in expect and state.get("schedule") != expect["schedule"]:
             raise CheckpointError(
-                f"checkpoint {path.parent} was written with a different schedule ({_describe_schedule(state.get('schedule'))}"
-                f" vs this run's {_describe_schedule(expect['schedule'])}); resume with the schedule it was made with"
+                f"checkpoint {path.parent} was written with a different schedule "
+                f"({_schedule_difference(state.get('schedule'), expect['schedule'])}); "
+                "resume with the schedule it was made with, or use another checkpoint directory"
             )
         return state
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Every problem with the checkpoint directory ``path`` (all ranks' files); empty when it verifies."""
+    if not (path / _META).exists():
+        return ["incomplete: no commit mark (meta.json), so it is never resumed from"]
+    try:
+        meta = read_json(path / _META, "checkpoint metadata")
+        files = meta["files"]
+        world = int(meta["world_size"])
+    except ValueError as err:
+        return [str(err)]
+    except (KeyError, TypeError):
+        return [f"{_META} lists no file checksums (written before checksums, or edited): cannot verify"]
+    problems = [f"its metadata lists no {_rank_file_name(r)}" for r in range(world) if _rank_file_name(r) not in files]
+    for name, expected in sorted(files.items()):
+        if Path(name).name != name or not isinstance(expected, dict):
+            problems.append(f"{_META} lists {name!r}, which is not a file of this directory")
+            continue
+        problem = check_file(path / name, expected)
+        if problem is not None:
+            problems.append(problem)
+    return problems
 
 
 _OTHER_MODEL = "resume with the model config it was written with, or use another checkpoint directory"
@@ -260,10 +410,24 @@ def _check_units(saved: list, current: list, where: Path) -> None:
         )
 
 
-def _describe_schedule(schedule: Any) -> str:
-    if not isinstance(schedule, dict):
-        return "none"
-    return f"period {schedule.get('period')}, {sum(len(v) for v in schedule.get('assignment', {}).values())} syncs"
+def _schedule_difference(saved: Any, current: Any) -> str:
+    """What differs between two schedule records, key by key: ``overlap 'backward' → 'forward'``."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        there = "a schedule" if isinstance(saved, dict) else "none"
+        here = "a schedule" if isinstance(current, dict) else "none"
+        return f"{there} there, {here} here"
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            moved = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            first = moved[0]
+            out.append(f"{key} differs for {len(moved)} unit(s), first {first!r}: {old.get(first)} → {new.get(first)}")
+        else:
+            out.append(f"{key} {old!r} → {new!r}")
+    return "; ".join(out)
 
 
 def unit_signatures(units) -> list[tuple[str, str]]:

@@ -1,18 +1,20 @@
 """The training entry point: ``torchrun --nproc-per-node N -m dreamddp.train --config C.toml``.
 
 The command line only: flags, the config they build, and one line per error with an exit
-code a launcher can act on (2: bad input, 1: a peer failed, 143: stopped by SIGTERM). The
-training itself is ``dreamddp.training.trainer``.
+code a launcher can act on (2: bad input; 1: a peer failed, or a checkpoint could not be
+written; 143: stopped by a signal). The training itself is ``dreamddp.training.trainer``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from dreamddp.ops.checkpoint import CheckpointWriteError
 from dreamddp.ops.failures import FaultPlan, PeerFailure
 from dreamddp.training.config import load_config
 from dreamddp.training.trainer import Stopped, run
@@ -71,6 +73,8 @@ def _error(err: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # The library's notices (a checkpoint fallen back from, a setting changed on resume) as one line each.
+    logging.basicConfig(level=logging.WARNING, format="dreamddp train: %(message)s")
     try:
         cfg = load_config(args.config, _overrides(args))
         FaultPlan.from_env()  # a malformed DREAMDDP_FAULT is bad input, found before any process group
@@ -79,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         run(cfg)
-    except (PeerFailure, Stopped) as err:
+    except (PeerFailure, Stopped, CheckpointWriteError) as err:
         _error(err)
         return 143 if isinstance(err, Stopped) else 1
     except ValueError as err:  # bad input found once the job is up (paths, schedule, checkpoint, port)

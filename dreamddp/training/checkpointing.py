@@ -17,6 +17,7 @@ from dreamddp.ops.checkpoint import Checkpointer, CheckpointError, capture_rng, 
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.distributed import agree
 from dreamddp.training.evaluation import averaged_state
+from dreamddp.training.resume_policy import ResumeChanges, apply_hyperparameters, compare_configs
 from dreamddp.training.strategies import Strategy
 
 __all__ = ["ResumePoint", "TrainingCheckpoints"]
@@ -47,6 +48,7 @@ class TrainingCheckpoints:
         self.checkpointer = (
             Checkpointer.for_process_group(tc.checkpoint_dir, tc.checkpoint_keep) if tc.checkpoint_dir else None
         )
+        self.last_committed: int | None = None  # the iteration a resume would start from
 
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed exactly."""
@@ -57,13 +59,19 @@ class TrainingCheckpoints:
         }
 
     def resume(self) -> ResumePoint:
-        """Load the latest checkpoint, if there is one, into the strategy, LR schedule and RNGs."""
+        """Load the newest checkpoint that verifies, if any, into the strategy, LR schedule and RNGs.
+
+        The saved run's config is compared with this one first (``resume_policy``): a change that
+        would load another run's state is refused naming every such key; the rest is applied,
+        each named in one notice line.
+        """
         if self.checkpointer is None:
             return ResumePoint()
         checkpointer, tc = self.checkpointer, self.cfg.train
-        step = checkpointer.agreed_latest_step(self.device)
+        step = checkpointer.agreed_resume_step(self.device)
         if step is None:
             return ResumePoint()
+        changes = agree(lambda: self._compare(step))
 
         def load() -> dict[str, Any]:
             state = checkpointer.load(step, self._identity())
@@ -77,10 +85,30 @@ class TrainingCheckpoints:
         self.strategy.load_checkpoint_state(state)
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        apply_hyperparameters(changes.applied_keys, tc, self.strategy.optimizer, self.lr_scheduler)
         restore_rng(state["rng"])
         progress = dict(state.get("progress", {}))
+        if checkpointer.rank == 0:
+            for line in changes.accepted:
+                logger.warning("resuming at iteration %d with %s (changed since the checkpoint)", step, line)
         logger.info("resuming from the checkpoint at iteration %d in %s", step, tc.checkpoint_dir)
+        self.last_committed = step
         return ResumePoint(step, float(progress.get("train_time_s", 0.0)))
+
+    def _compare(self, step: int) -> ResumeChanges:
+        """The saved run's config against this one; CheckpointError naming every refused change."""
+        assert self.checkpointer is not None
+        saved = self.checkpointer.metadata(step).get("config")
+        if not isinstance(saved, dict):
+            return ResumeChanges()  # written by a tool that records no config: the state checks below still apply
+        changes = compare_configs(saved, self.cfg.to_dict())
+        if changes.refused:
+            raise CheckpointError(
+                f"cannot resume from the checkpoint at iteration {step} in {self.cfg.train.checkpoint_dir!r}: "
+                f"settings that define the run it continues were changed ({', '.join(changes.refused)}); "
+                "resume with the checkpoint's values, or use another checkpoint directory"
+            )
+        return changes
 
     def maybe_save(self, steps_done: int, train_time_s: float) -> None:
         """Every ``train.checkpoint_every`` iterations; the last one is left to ``save`` at the end."""
@@ -106,3 +134,4 @@ class TrainingCheckpoints:
         shared = {"averaged.pt": averaged_state(self.strategy.raw_model)} if tc.checkpoint_average else None
         meta = {"algorithm": tc.algorithm, "config": self.cfg.to_dict()}
         self.checkpointer.save(steps_done, state, meta=meta, shared=shared)
+        self.last_committed = steps_done
