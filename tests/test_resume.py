@@ -176,3 +176,15 @@ def test_truncated_latest_checkpoint_falls_back_on_every_rank(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     resumes = [r for r in records if r.get("event") == "resume"]
     assert [(r["step"], r["attempt"]) for r in resumes] == [(3, 0)]  # the first attempt, no restart needed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_survivor_of_a_killed_peer_in_forward_mode_says_one_line(tmp_path):
+    """Averages still in flight when the peer died are dropped on the way out, not waited on into a traceback."""
+    run = _torchrun(tmp_path, "fwd", ['train.overlap="forward"', "train.checkpoint_every=3"], fault="kill@1:7")
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if "dreamddp train: error:" in ln]
+    assert len(lines) == 1 and re.search(r"rank 0 stopped at iteration [78]\b.*rank 1 ", lines[0]), run.stderr[-3000:]
+    worker_tracebacks = [c for c in run.stderr.split("Traceback")[1:] if re.search(r'File "[^"]*/dreamddp/', c)]
+    assert worker_tracebacks == [], run.stderr[-3000:]

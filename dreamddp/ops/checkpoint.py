@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dreamddp.ops.failures import launcher_died
 from dreamddp.ops.files import atomic_write, read_json, write_json_atomic
 
 __all__ = [
@@ -218,8 +219,8 @@ class Checkpointer:
         files = {name: digest for part in parts for name, digest in part.items()}
 
         def commit() -> None:
-            if self.rank != 0:
-                return
+            if self.rank != 0 or launcher_died():
+                return  # an orphaned job (its launcher gone) never commits: a restarted one shares the directory
             write_json_atomic(
                 target / _META,
                 {"format": CHECKPOINT_FORMAT, "step": step, "world_size": self.world_size, "files": files, **meta},

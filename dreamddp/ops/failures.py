@@ -32,7 +32,16 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["FaultPlan", "Heartbeat", "PeerFailure", "Terminated", "is_communication_error", "install_sigterm"]
+__all__ = [
+    "FaultPlan",
+    "Heartbeat",
+    "LauncherWatchdog",
+    "PeerFailure",
+    "Terminated",
+    "install_sigterm",
+    "is_communication_error",
+    "launcher_died",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +61,31 @@ _COMM_ERROR_MARKERS = (
 
 
 class PeerFailure(RuntimeError):
-    """Another rank died or hung; the message names it and the iteration."""
+    """Another rank died or hung; the message names it and the iteration.
+
+    ``blames``: whether a peer was found dead or stuck (False: the diagnosis found no culprit).
+    """
+
+    def __init__(self, message: str, blames: bool = False) -> None:
+        super().__init__(message)
+        self.blames = blames
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (torchrun stops every rank when one fails). BaseException: no handler swallows it."""
+    """SIGTERM or SIGINT arrived (torchrun stops every rank when one fails; a user stops the job).
+
+    BaseException, as KeyboardInterrupt is: no ``except Exception`` swallows it.
+    """
 
 
 _diagnosing = threading.Event()  # while set, SIGTERM only waits for the diagnosis to finish
+_launcher_died = threading.Event()  # set by LauncherWatchdog before it stops this rank
 
 
 def install_sigterm() -> None:
-    """Turn SIGTERM into ``Terminated`` in the main thread, so the trainer can say why it stops.
+    """Turn SIGTERM and SIGINT into ``Terminated`` in the main thread, so the trainer can say why it stops.
 
-    While a failure is being diagnosed, SIGTERM is held back: torchrun sends it to every
+    While a failure is being diagnosed, the signal is held back: torchrun sends SIGTERM to every
     survivor as soon as one rank dies, and the survivor's line naming the dead rank is worth
     the two seconds it takes (torchrun waits 30 s before it escalates to SIGKILL).
     """
@@ -76,6 +96,52 @@ def install_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def launcher_died() -> bool:
+    """True once ``LauncherWatchdog`` saw this process's launcher die (no checkpoint may be committed then)."""
+    return _launcher_died.is_set()
+
+
+class LauncherWatchdog:
+    """Stops this rank when the process that launched it (torchrun) dies.
+
+    A SIGKILLed torchrun cannot stop its workers: they are re-parented and go on training,
+    advancing ``latest`` in a checkpoint directory that a restarted job will share. The
+    watchdog polls the parent pid (a Linux parent-death signal would fire on the death of the
+    launcher's *thread* that forked the worker, which torchrun does not guarantee to keep);
+    when it changes, it marks the launcher dead (so no checkpoint is committed), sends this
+    process SIGTERM (the trainer then stops with one line), and exits hard after ``grace_s`` if
+    the main thread is stuck in a collective that will never finish.
+    """
+
+    def __init__(self, poll_s: float = 0.5, grace_s: float = 10.0) -> None:
+        self.launcher_pid = os.getppid()
+        self.poll_s, self.grace_s = poll_s, grace_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dreamddp-launcher-watchdog", daemon=True)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # only a torchrun worker has a launcher to lose
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if os.getppid() != self.launcher_pid:
+                _launcher_died.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+                if not self._stop.wait(self.grace_s):
+                    logger.error(
+                        "rank %s: launcher (pid %d) died and this rank did not stop within %g s; "
+                        "exiting without a checkpoint",
+                        os.environ.get("RANK", "?"),
+                        self.launcher_pid,
+                        self.grace_s,
+                    )
+                    os._exit(143)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def is_communication_error(err: BaseException) -> bool:
@@ -204,6 +270,11 @@ class Heartbeat:
         finally:
             _diagnosing.clear()
 
+    def blame(self, iteration: int, cause: BaseException | str) -> PeerFailure | None:
+        """``diagnose``, but None when no peer is found dead or stuck (a plain stop signal)."""
+        failure = self.diagnose(iteration, cause)
+        return failure if failure.blames else None
+
     def _diagnose(self, iteration: int, cause: BaseException | str) -> PeerFailure:
         if isinstance(cause, BaseException):
             first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
@@ -240,8 +311,8 @@ class Heartbeat:
                 f"rank {r} (last heartbeat at iteration {it})" if it is not None else f"rank {r}" for r, it in silent
             )
             verb = "stopped responding (died or was stopped)"
-            return PeerFailure(f"{prefix}: {who} {verb} ({cause_text})")
+            return PeerFailure(f"{prefix}: {who} {verb} ({cause_text})", blames=True)
         if behind:
             who = ", ".join(f"rank {r} (alive, but at iteration {it})" for r, it in behind)
-            return PeerFailure(f"{prefix}: {who} is stuck ({cause_text})")
+            return PeerFailure(f"{prefix}: {who} is stuck ({cause_text})", blames=True)
         return PeerFailure(f"{prefix} ({cause_text}); every other rank is still beating")

@@ -14,6 +14,7 @@ import torch
 
 from dreamddp.core.units import sync_units
 from dreamddp.ops.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng, unit_signatures
+from dreamddp.ops.failures import launcher_died
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.distributed import agree
 from dreamddp.training.evaluation import averaged_state
@@ -48,7 +49,6 @@ class TrainingCheckpoints:
         self.checkpointer = (
             Checkpointer.for_process_group(tc.checkpoint_dir, tc.checkpoint_keep) if tc.checkpoint_dir else None
         )
-        self.last_committed: int | None = None  # the iteration a resume would start from
 
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed exactly."""
@@ -92,7 +92,6 @@ class TrainingCheckpoints:
             for line in changes.accepted:
                 logger.warning("resuming at iteration %d with %s (changed since the checkpoint)", step, line)
         logger.info("resuming from the checkpoint at iteration %d in %s", step, tc.checkpoint_dir)
-        self.last_committed = step
         return ResumePoint(step, float(progress.get("train_time_s", 0.0)))
 
     def _compare(self, step: int) -> ResumeChanges:
@@ -116,10 +115,21 @@ class TrainingCheckpoints:
         if every and steps_done % every == 0 and steps_done < self.cfg.train.steps:
             self.save(steps_done, train_time_s)
 
+    def resume_hint(self) -> str:
+        """Where a rerun of this job would start, for the line that says why it stopped."""
+        if self.checkpointer is None:
+            return "no checkpoints are written (train.checkpoint_dir is not set): a rerun starts from iteration 0"
+        # The directory, not this rank's memory: a stop can land between rank 0's commit and the others' return.
+        committed = self.checkpointer.committed()
+        if not committed:
+            return f"no checkpoint in {self.cfg.train.checkpoint_dir!r} yet: a rerun starts from iteration 0"
+        step = int(committed[0].name.removeprefix("step-"))
+        return f"a rerun resumes from iteration {step} (the checkpoint in {self.cfg.train.checkpoint_dir!r})"
+
     def save(self, steps_done: int, train_time_s: float) -> None:
         """Collective: this rank's state after ``steps_done`` iterations (and rank 0 the averaged model)."""
-        if self.checkpointer is None:
-            return
+        if self.checkpointer is None or launcher_died():
+            return  # orphaned workers must not advance a directory a restarted job will share
         tc = self.cfg.train
         state = {
             **self.strategy.checkpoint_state(),
@@ -134,4 +144,3 @@ class TrainingCheckpoints:
         shared = {"averaged.pt": averaged_state(self.strategy.raw_model)} if tc.checkpoint_average else None
         meta = {"algorithm": tc.algorithm, "config": self.cfg.to_dict()}
         self.checkpointer.save(steps_done, state, meta=meta, shared=shared)
-        self.last_committed = steps_done

@@ -25,7 +25,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dreamddp.emulation.link import SimulatedLink, describe_link, link_from_settings
-from dreamddp.ops.failures import FaultPlan, Heartbeat, Terminated, install_sigterm, is_communication_error
+from dreamddp.ops.failures import (
+    FaultPlan,
+    Heartbeat,
+    LauncherWatchdog,
+    Terminated,
+    install_sigterm,
+    is_communication_error,
+    launcher_died,
+)
 from dreamddp.ops.metrics import TrainingMetrics
 from dreamddp.ops.trace import TraceRecorder
 from dreamddp.training.checkpointing import TrainingCheckpoints
@@ -49,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 
 class Stopped(RuntimeError):
-    """This rank was told to stop (SIGTERM) in the middle of training."""
+    """This rank was told to stop (SIGTERM, SIGINT, its launcher died) in the middle of training."""
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
@@ -57,19 +65,27 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     device = init_process_group(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     install_sigterm()
+    watchdog = LauncherWatchdog()
     heartbeat = Heartbeat(rank, world, cfg.train.heartbeat_s)
     try:
         trainer = Trainer(cfg, device, heartbeat)
         try:
             summary = trainer.train()
-        finally:
+        except BaseException:
+            # The run already failed: a peer's death must not surface a second time as a traceback
+            # from waiting on averages still in flight; the first error is the one line to show.
+            trainer.close(after_failure=True)
+            raise
+        else:
             trainer.close()
+        finally:
             del trainer
             gc.collect()  # anything holding the process group must go before it is destroyed
         dist.barrier()
         return summary if rank == 0 else None
     finally:
         heartbeat.close()
+        watchdog.close()
         dist.destroy_process_group()
 
 
@@ -214,10 +230,16 @@ class Trainer:
         return bool(budget) and rank_zero_value(self.totals.train_time_s, self.device) >= budget
 
     def _stopped(self, step: int, sig: Terminated) -> Stopped:
-        how = f"{sig} from the launcher, which stops every rank when one fails"
-        if self.world > 1:
-            return Stopped(str(self.heartbeat.diagnose(step, how)))
-        return Stopped(f"rank {self.rank} stopped at iteration {step} ({how})")
+        where = self.checkpoints.resume_hint()
+        if launcher_died():
+            return Stopped(f"rank {self.rank} stopped at iteration {step}: its launcher died; {where}")
+        if self.world > 1 and str(sig) == "SIGTERM":
+            # torchrun also sends SIGTERM to every survivor when one rank fails: name that rank if so.
+            how = f"{sig} from the launcher, which stops every rank when one fails"
+            failure = self.heartbeat.blame(step, how)
+            if failure is not None:
+                return Stopped(f"{failure}; {where}")
+        return Stopped(f"rank {self.rank} stopped at iteration {step} ({sig}); {where}")
 
     # --------------------------------------------------------------- reporting
     def _opening_record(self, start_step: int) -> dict[str, Any]:
@@ -276,8 +298,18 @@ class Trainer:
         log.write({"event": "summary", "summary": summary})
         return summary
 
-    def close(self) -> None:
-        """Release what holds the process group or a port: the strategy's wrappers, the metrics server."""
-        self.strategy.close()
-        if self.metrics is not None:
-            self.metrics.close()
+    def close(self, after_failure: bool = False) -> None:
+        """Release what holds the process group or a port: the strategy's wrappers, the metrics server.
+
+        ``after_failure``: the run is already failing; an error finishing what is in flight (a dead
+        peer's collective) is logged, not raised over the first one.
+        """
+        try:
+            self.strategy.close()
+        except Exception as err:  # noqa: BLE001 - only after a failure, which is what gets reported
+            if not after_failure:
+                raise
+            logger.debug("closing after a failure: %s", err)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
