@@ -510,6 +510,22 @@ def _models_differ_across_ranks() -> BaseException:
     return ValueError(message)
 
 
+def _forward_overlap_stale_read() -> BaseException:
+    from .dist_utils import run_workers
+    from .test_forward_reads import _refused
+
+    return ValueError(run_workers(_refused, 2, timeout=60)[0]["parent"]["message"])
+
+
+def _join_not_first() -> BaseException:
+    from .dist_utils import run_workers
+    from .test_join import _second_joinable
+
+    messages = run_workers(_second_joinable, 2, timeout=60)
+    assert messages[0] == messages[1], messages  # every rank, the same line, no hang
+    return ValueError(messages[0])
+
+
 @dataclass(frozen=True)
 class ApiCase:
     id: str
@@ -521,6 +537,12 @@ API_CASES = [
     ApiCase("schedule-period-zero", _schedule_period_zero, ("got 0", ">= 1")),
     ApiCase("schedule-delay-too-long", _schedule_delay_too_long, ("'wte'", "delay 2", "must be < 2")),
     ApiCase("models-differ-across-ranks", _models_differ_across_ranks, ("'0'", "[16, 4]", "[8, 4]", "rank 0")),
+    ApiCase(
+        "forward-overlap-stale-read",
+        _forward_overlap_stale_read,
+        ("'parent.child.weight'", "'parent'", 'overlap="backward"'),
+    ),
+    ApiCase("join-not-first", _join_not_first, ("first joinable", "Join([ddp, ...])")),
 ]
 
 

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from dreamddp.core.buckets import pack_in_order
-from dreamddp.emulation.link import SimulatedLink, sleep_until
+from dreamddp.emulation.link import Booking, SimulatedLink, sleep_until
 
-__all__ = ["BucketAverage", "average_op", "average_tensors", "pack_buckets"]
+__all__ = ["ActiveRanks", "BucketAverage", "average_op", "average_tensors", "pack_buckets"]
 
 
 def average_op(group: dist.ProcessGroup | None) -> tuple[dist.ReduceOp.RedOpType, bool]:
@@ -41,12 +41,42 @@ def pack_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[list[i
     return pack_in_order(sizes, cap_bytes, keys=[(t.dtype, t.device) for t in tensors])
 
 
+class ActiveRanks:
+    """Under torch's ``Join``: how many ranks still train this iteration, the divisor of its averages.
+
+    ``work`` is the all-reduce of ones that ``Join.notify_join_context`` launched (ranks that
+    have joined add zeros). It is waited for lazily, by the first bucket's ``wait()``, so it
+    overlaps backward as torch DDP's forward-pass work handle does. ``work=None``: a count of
+    1, for a joined rank shadowing the others' buckets (it discards their results).
+    """
+
+    def __init__(self, work: dist.Work | None, booking: Booking | None = None) -> None:
+        self.work = work
+        self.booking = booking  # the count's own booking on a simulated link
+        self._count: int | torch.Tensor | None = None if work is not None else 1
+
+    def count(self) -> int | torch.Tensor:
+        """A Python int on the CPU (the division is then the one without ``Join``, bit for bit);
+        a device tensor otherwise (no host synchronisation)."""
+        if self._count is None:
+            assert self.work is not None
+            self.work.wait()
+            if self.booking is not None:
+                sleep_until(self.booking.wait_release())
+            total = self.work.get_future().value()[0]
+            self._count = int(total.item()) if total.device.type == "cpu" else total
+        return self._count
+
+
 class BucketAverage:
     """One bucket's asynchronous in-place average; ``wait()`` finishes it.
 
     Launch coalesces the tensors into a flat buffer (or uses the single tensor itself) and
     issues a non-blocking all-reduce; ``wait()`` waits for it (and for the simulated link),
     divides where the backend cannot average, and copies the result back.
+
+    ``divisor`` (torch ``Join`` only): sum, and divide by the ranks still training rather than
+    the world size (ranks that joined add zeros); without it nothing changes.
     """
 
     def __init__(
@@ -55,6 +85,7 @@ class BucketAverage:
         group: dist.ProcessGroup | None,
         link: SimulatedLink | None = None,
         track_done: bool = False,
+        divisor: ActiveRanks | None = None,
     ) -> None:
         self.tensors = list(tensors)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
@@ -63,7 +94,11 @@ class BucketAverage:
             self.buffer = self.tensors[0]
         else:
             self.buffer = torch.cat([t.detach().reshape(-1) for t in self.tensors])
-        op, self._divide = average_op(group)
+        if divisor is None:
+            op, self._divide = average_op(group)
+        else:  # even with NCCL: its AVG would divide by the world size
+            op, self._divide = dist.ReduceOp.SUM, True
+        self.divisor = divisor
         self._world = dist.get_world_size(group)
         self.work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
         self.booking = link.book(self.nbytes) if link is not None else None
@@ -94,7 +129,7 @@ class BucketAverage:
         if self.booking is not None:
             sleep_until(self.booking.wait_release())
         if self._divide:
-            self.buffer.div_(self._world)
+            self.buffer.div_(self._world if self.divisor is None else self.divisor.count())
         if not self._inplace:
             offset = 0
             for t in self.tensors:

@@ -23,7 +23,8 @@ DDP separates bucket assignment, the Reducer and comm hooks:
 - ``agreement``: the collective check that every rank wraps the same model and schedule;
 - ``reducer``: grad-ready hooks, launching buckets, the end-of-backward callback;
 - ``landing``: averages that outlive their backward (forward overlap, delays), held-back steps;
-- ``observer``: ``record_timings``.
+- ``observer``: ``record_timings``;
+- ``join``: torch's ``Join([ddp])`` for uneven inputs.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from dreamddp.core.agreement import check_agreement
 from dreamddp.core.collectives import BucketAverage
+from dreamddp.core.extra_state import export_extra_state, restore_extra_state
+from dreamddp.core.forward_reads import FORWARDS_CHECKED, ForwardReads
+from dreamddp.core.join import DreamDDPJoinHook, join_device
 from dreamddp.core.landing import Landing
 from dreamddp.core.observer import TIMINGS_KEPT, TimingObserver
 from dreamddp.core.reducer import BackwardReport, Reducer
@@ -68,8 +73,31 @@ class IterationStats:
     forward_events: list[tuple[str, str, int, int]] = field(default_factory=list)  # (kind, units, start_ns, end_ns)
     snapshot_bytes: int = 0  # extra memory held for delayed averages after this backward
 
+    @classmethod
+    def of(
+        cls,
+        report: BackwardReport,
+        schedule: Schedule,
+        stall_s: float,
+        events: list[tuple[str, str, int, int]],
+        snapshot_bytes: int,
+    ) -> IterationStats:
+        """The statistics of the backward ``report`` describes, with the forward stalls before it."""
+        return cls(
+            iteration=report.iteration,
+            phase=report.phase,
+            units=schedule.units_at(report.phase),
+            bytes_sent=report.bytes_sent,
+            buckets=report.buckets,
+            wait_s=report.wait_s + stall_s,
+            backward_wait_s=report.wait_s,
+            forward_stall_s=stall_s,
+            forward_events=events,
+            snapshot_bytes=snapshot_bytes,
+        )
 
-class DreamDDP(nn.Module):
+
+class DreamDDP(nn.Module, Joinable):
     """Wrap ``module`` so that ``backward()`` averages the scheduled units' parameters.
 
     Args:
@@ -105,6 +133,7 @@ class DreamDDP(nn.Module):
         overlap: str | None = None,
     ) -> None:
         super().__init__()
+        Joinable.__init__(self)  # torch's Join([ddp]) for uneven inputs (dreamddp.core.join)
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a dreamddp.Schedule, got {type(schedule).__name__}")
         overlap = schedule.overlap if overlap is None else overlap
@@ -152,14 +181,22 @@ class DreamDDP(nn.Module):
             overlap=overlap,
             observer=self._observer,
             on_finish=finished,
+            joinable=wrapper,
         )
 
     # ------------------------------------------------------------------ API
+    _reads_to_check = FORWARDS_CHECKED  # overlap="forward": training forwards left to check (forward_reads)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.prepare_forward()
-        output = self.module(*args, **kwargs)
+        if self._reads_to_check and self.overlap == "forward" and torch.is_grad_enabled():
+            self._reads_to_check -= 1  # a structural check: after the first forwards, no mode and no hooks
+            with ForwardReads(self._state):
+                output = self.module(*args, **kwargs)
+        else:
+            output = self.module(*args, **kwargs)
         if self._landing.pending:
-            # Units this forward did not run (or read only outside their modules) are due too.
+            # Units this forward did not run are due too.
             self._landing.land(due_only=True)
         if self._observer is not None and self._reducer.enabled:
             self._observer.forward_returned()
@@ -176,6 +213,17 @@ class DreamDDP(nn.Module):
         if not self._state.layout.intact():
             self.flush()
             self._state.lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:  # with Join([ddp]): see dreamddp.core.join
+        return DreamDDPJoinHook(self, **kwargs)
+
+    @property
+    def join_device(self) -> torch.device:
+        return join_device(self.process_group)
+
+    @property
+    def join_process_group(self) -> dist.ProcessGroup:
+        return self.process_group
 
     def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Let ``overlap="forward"`` hold back this optimizer's step for units still averaging.
@@ -262,35 +310,10 @@ class DreamDDP(nn.Module):
         return super().state_dict(*args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
-        # The bucket order is part of the state: buckets decide how a reduction is split, so a
-        # resumed run must launch the same ones to continue bit for bit. Delayed averages still
-        # in flight are finished on the wire and saved unapplied, with the iteration that applies them.
-        delayed = self._landing.export()
-        return {
-            "iteration": self._state.iteration,
-            "period": self._state.schedule.period,
-            "order": list(self._state.order),
-            "delayed": delayed,
-        }
+        return export_extra_state(self._state, self._landing)
 
     def set_extra_state(self, state: Any) -> None:
-        period = self._state.schedule.period
-        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or state["iteration"] < 0:
-            raise ValueError(f"DreamDDP state has no valid iteration counter: {state!r}")
-        if state.get("period") != period:
-            raise ValueError(
-                f"checkpoint was written with period {state.get('period')!r}, this schedule has period {period}"
-            )
-        order = state.get("order")
-        if order is not None:
-            if sorted(order) != list(range(len(self.units))):
-                raise ValueError(f"checkpoint's bucket order does not fit this model's {len(self.units)} units")
-            if list(order) != self._state.order:
-                self._state.lay_out(order)
-            self._reducer.order_rebuilt = True
-        self._state.iteration = state["iteration"]
-        self._landing.discard()
-        self._landing.restore(state.get("delayed", []))
+        restore_extra_state(state, self._state, self._landing, self._reducer)
 
     def observed_timings(self) -> list[ObservedIteration]:
         """What the last (up to TIMINGS_KEPT) synchronising iterations really did, in seconds.
@@ -310,18 +333,7 @@ class DreamDDP(nn.Module):
     def _finished(self, report: BackwardReport) -> None:
         """The reducer finished a synchronising backward: keep its statistics."""
         stall_s, events = self._landing.take_stalls()
-        self.last_stats = IterationStats(
-            iteration=report.iteration,
-            phase=report.phase,
-            units=self._state.schedule.units_at(report.phase),
-            bytes_sent=report.bytes_sent,
-            buckets=report.buckets,
-            wait_s=report.wait_s + stall_s,
-            backward_wait_s=report.wait_s,
-            forward_stall_s=stall_s,
-            forward_events=events,
-            snapshot_bytes=self._landing.snapshot_bytes,
-        )
+        self.last_stats = IterationStats.of(report, self._state.schedule, stall_s, events, self._landing.snapshot_bytes)
         self.total_bytes_sent += report.bytes_sent
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Joinable
 
-from dreamddp.core.collectives import BucketAverage
+from dreamddp.core.collectives import ActiveRanks, BucketAverage
+from dreamddp.core.join import active_ranks
 from dreamddp.core.landing import InFlight, Landing, unit_slices
 from dreamddp.core.observer import TimingObserver
 from dreamddp.core.state import SyncState
@@ -56,6 +58,7 @@ class Reducer:
         overlap: str,
         observer: TimingObserver | None,
         on_finish: Callable[[BackwardReport], None],
+        joinable: Callable[[], Joinable | None] = lambda: None,
     ) -> None:
         self.state = state
         self.landing = landing
@@ -64,6 +67,7 @@ class Reducer:
         self.overlap = overlap
         self.observer = observer
         self.on_finish = on_finish
+        self.joinable = joinable  # the wrapper, weakly: it tells an enclosing torch Join (join.py)
         self.enabled = True  # False under no_sync(): backward sends nothing and the counter stays
         self.in_backward = False
         self.order_rebuilt = False  # the launch order is rank 0's observed one (or a checkpoint's)
@@ -74,6 +78,7 @@ class Reducer:
         self._observed: list[int] = []
         self._next_bucket = 0
         self._launched: list[InFlight] = []
+        self._divisor: ActiveRanks | None = None  # under torch Join: the ranks still training
         self._handles = [
             p.register_post_accumulate_grad_hook(self._make_hook(i))
             for i, u in enumerate(state.units)
@@ -102,6 +107,7 @@ class Reducer:
     def _start_backward(self) -> None:
         if self.landing.pending:
             self.landing.land(due_only=True)  # a backward without our forward: nothing due may stay in flight
+        self._divisor = active_ranks(self.joinable(), self.link)  # None (and nothing sent) outside Join
         self.in_backward = True
         self._grads_left = list(self._grad_params)
         self._ready = [False] * len(self.state.units)
@@ -141,7 +147,9 @@ class Reducer:
             if any(delays.values()):
                 # The live weights train on while this average is in flight: reduce a copy.
                 snapshot, reduced = view.clone(), view.clone()
-                average = BucketAverage([reduced], self.group, self.link, track_done=self.observer is not None)
+                average = BucketAverage(
+                    [reduced], self.group, self.link, track_done=self.observer is not None, divisor=self._divisor
+                )
                 inflight = InFlight(
                     average,
                     bucket,
@@ -152,7 +160,9 @@ class Reducer:
                     offsets=unit_slices(bucket, state.layout),
                 )
             else:
-                average = BucketAverage([view], self.group, self.link, track_done=self.observer is not None)
+                average = BucketAverage(
+                    [view], self.group, self.link, track_done=self.observer is not None, divisor=self._divisor
+                )
                 inflight = InFlight(average, bucket, state.iteration, delays)
             self._launched.append(inflight)
             self._next_bucket += 1

@@ -1,0 +1,50 @@
+"""The wrapper's own part of a checkpoint: iteration, bucket order, delayed averages in flight.
+
+``DreamDDP.state_dict()`` carries it as the module's extra state, so a checkpoint of the
+wrapped model resumes the wrapper exactly. The bucket order is part of it because buckets
+decide how a reduction is split: a resumed run must launch the same ones to continue bit for
+bit. Delayed averages still in flight are finished on the wire and saved unapplied, with the
+iteration that applies them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dreamddp.core.landing import Landing
+from dreamddp.core.reducer import Reducer
+from dreamddp.core.state import SyncState
+
+__all__ = ["export_extra_state", "restore_extra_state"]
+
+
+def export_extra_state(state: SyncState, landing: Landing) -> dict[str, Any]:
+    """Plain values only: the checkpoint is loaded with ``weights_only``."""
+    delayed = landing.export()
+    return {
+        "iteration": state.iteration,
+        "period": state.schedule.period,
+        "order": list(state.order),
+        "delayed": delayed,
+    }
+
+
+def restore_extra_state(saved: Any, state: SyncState, landing: Landing, reducer: Reducer) -> None:
+    """Check ``saved`` against this wrapper (one-line ValueErrors), then adopt it."""
+    period = state.schedule.period
+    if not isinstance(saved, dict) or not isinstance(saved.get("iteration"), int) or saved["iteration"] < 0:
+        raise ValueError(f"DreamDDP state has no valid iteration counter: {saved!r}")
+    if saved.get("period") != period:
+        raise ValueError(
+            f"checkpoint was written with period {saved.get('period')!r}, this schedule has period {period}"
+        )
+    order = saved.get("order")
+    if order is not None:
+        if sorted(order) != list(range(len(state.units))):
+            raise ValueError(f"checkpoint's bucket order does not fit this model's {len(state.units)} units")
+        if list(order) != state.order:
+            state.lay_out(order)
+        reducer.order_rebuilt = True
+    state.iteration = saved["iteration"]
+    landing.discard()
+    landing.restore(saved.get("delayed", []))
