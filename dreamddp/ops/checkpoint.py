@@ -126,10 +126,10 @@ def save_atomic(obj: Any, path: Path) -> dict[str, Any]:
             writer = _DigestingWriter(f)
             torch.save(obj, writer)  # type: ignore[arg-type]  # any object with write() will do
     except RuntimeError as err:
-        # A failed write (a full disk) surfaces from torch's zip writer as "unexpected pos";
-        # the OSError that caused it is what the user needs to see.
+        # A write that failed (a full disk) or was interrupted (a stop signal) surfaces from torch's
+        # zip writer as "unexpected pos"; what interrupted it is what the caller must see.
         cause = err.__context__
-        while cause is not None and not isinstance(cause, OSError):
+        while cause is not None and isinstance(cause, Exception) and not isinstance(cause, OSError):
             cause = cause.__context__
         if cause is None:
             raise

@@ -221,7 +221,10 @@ class Heartbeat:
         # Publish at least every interval, and soon after the iteration moves, so a diagnosis
         # can say where a dead rank was; at most 5 small writes a second, off the main thread.
         last_sent, last_time = self.iteration, time.monotonic()
+        launcher = os.getppid()
         while not self._stop.wait(min(0.2, self.interval_s)):
+            if os.getppid() != launcher or _launcher_died.is_set():
+                return  # the store may have died with the launcher: a write now only prints C++ frames
             now = time.monotonic()
             if self.iteration == last_sent and now - last_time < self.interval_s:
                 continue
