@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 		apt-get install -y -qq shellcheck >/dev/null 2>&1 || echo "note: could not install shellcheck; its test will skip"; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e '.[dev,deepspeed]'
+	$(PY) -m pip install --quiet -e '.[dev,deepspeed,hf]'
 	@# DeepSpeed compiles its CPU ops (shared-memory comm, fused Adam) on first use: about 2 minutes
 	@# on 2 cores, once per machine. Done here, by one process, rather than inside a test's ranks.
 	DS_ACCELERATOR=cpu $(PY) -c "import torch, sys; torch.cuda.is_available() and sys.exit(0); from deepspeed.accelerator import get_accelerator as a; [a().create_op_builder(n).load() for n in ('ShareMemCommBuilder', 'FusedAdamBuilder')]"

@@ -367,6 +367,46 @@ CLI_CASES = [
         setup=_truncated_checkpoint,
     ),
     CliCase(
+        "hf-unknown-model-type",
+        "train",
+        ("--config", str(REPO / "configs" / "hf-gpt2-tiny.toml"), "--set", "model.model_type=gtp2"),
+        ("'gtp2'", "gpt2, llama"),
+    ),
+    CliCase(
+        "hf-unknown-config-key",
+        "train",
+        ("--config", str(REPO / "configs" / "hf-gpt2-tiny.toml"), "--set", "model.config.n_layers=2"),
+        ("'n_layers'", "did you mean 'n_layer'?"),
+    ),
+    CliCase(
+        "hf-config-does-not-build",
+        "train",
+        ("--config", str(REPO / "configs" / "hf-gpt2-tiny.toml"), "--set", "model.config.n_head=3"),
+        ("{'n_head': 3}", "gpt2"),
+    ),
+    CliCase(
+        "hf-unknown-preset",
+        "train",
+        ("--config", str(REPO / "configs" / "hf-gpt2-tiny.toml"), "--set", "model.preset=gpt2-huge"),
+        ("'gpt2-huge'", "gpt2-tiny, gpt2-small"),
+    ),
+    CliCase("precision-unknown", "train", ("--set", "train.precision=fp16"), ("'fp16'", "fp32, bf16")),
+    CliCase("grad-accum-zero", "train", ("--set", "train.grad_accum=0"), ("train.grad_accum", "got 0", ">= 1")),
+    CliCase(
+        "grad-accum-indivisible",
+        "train",
+        ("--set", "data.batch_size=8", "--set", "train.grad_accum=3"),
+        ("data.batch_size=8", "train.grad_accum=3", "multiple of 3"),
+    ),
+    CliCase("lora-rank-zero", "train", ("--set", 'train.lora={ r = 0, targets = ["qkv"] }'), ("lora.r", "got 0")),
+    CliCase(
+        "lora-targets-match-nothing",
+        "train",
+        (*TINY, "--set", 'train.lora={ targets = ["qkvv"] }'),
+        ("'qkvv'", "match no module", "qkv, proj"),
+        setup=_tiny,
+    ),
+    CliCase(
         "profile-malformed",
         "plan",
         ("--profile", "profile.json", "--period", "4", "--out", "schedule.json"),
@@ -443,7 +483,14 @@ def two_rank_checkpoint(tmp_path_factory) -> Path:
 
 # Each CLI row starts a Python process (a few seconds each); these cover the config, the link, the
 # schedule file and a checkpoint in `make test`, and every row runs in the slow tier.
-FAST_CLI_CASES = {"period-zero", "malformed-link", "invalid-toml", "schedule-world-size-changed", "checkpoint-corrupt"}
+FAST_CLI_CASES = {
+    "period-zero",
+    "malformed-link",
+    "invalid-toml",
+    "schedule-world-size-changed",
+    "checkpoint-corrupt",
+    "hf-unknown-model-type",
+}
 
 
 @pytest.mark.timeout(150)  # the checkpoint rows may first train the run they resume
@@ -526,6 +573,33 @@ def _join_not_first() -> BaseException:
     return ValueError(messages[0])
 
 
+def _hf_extra_missing() -> BaseException:
+    import sys
+
+    from dreamddp.training.models import model_config
+
+    saved = sys.modules.get("transformers")
+    sys.modules["transformers"] = None  # type: ignore[assignment]  # what an uninstalled package looks like to import
+    try:
+        with pytest.raises(ValueError) as info:
+            model_config("hf", {"preset": "gpt2-tiny"})
+    finally:
+        if saved is None:
+            del sys.modules["transformers"]
+        else:
+            sys.modules["transformers"] = saved
+    return info.value
+
+
+def _frozen_weights_differ() -> BaseException:
+    from .dist_utils import run_workers
+    from .test_frozen import _frozen_mismatches
+
+    results = run_workers(_frozen_mismatches, 2, timeout=60)
+    assert results[0] == results[1], results  # every rank, the same line, no hang
+    return ValueError(results[0]["differs"])
+
+
 @dataclass(frozen=True)
 class ApiCase:
     id: str
@@ -543,6 +617,8 @@ API_CASES = [
         ("'parent.child.weight'", "'parent'", 'overlap="backward"'),
     ),
     ApiCase("join-not-first", _join_not_first, ("first joinable", "Join([ddp, ...])")),
+    ApiCase("frozen-weights-differ", _frozen_weights_differ, ("'mix.weight'", "rank 0 and rank 1", "same seed")),
+    ApiCase("hf-extra-missing", _hf_extra_missing, ('model.name="hf"', "pip install 'dreamddp[hf]'")),
 ]
 
 

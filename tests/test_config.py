@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert cfg.train.steps >= 1 and cfg.model_name in ("gpt", "llama", "resnet")
+    assert cfg.train.steps >= 1 and cfg.model_name in ("gpt", "llama", "resnet", "hf")
 
 
 def test_overrides_are_typed():

@@ -182,8 +182,8 @@ def test_build_model_and_task() -> None:
     model = build_model("gpt", dict(TINY_LM))
     assert isinstance(model, GPT) and model.config.d_model == 16
     assert isinstance(build_model("resnet", {"width": 4}), ResNet)
-    assert set(MODELS) == {"gpt", "llama", "resnet"}
-    assert [model_task(n) for n in ("gpt", "llama", "resnet")] == ["lm", "lm", "image"]
+    assert set(MODELS) == {"gpt", "llama", "resnet", "hf"}  # hf: tests/test_hf_models.py
+    assert [model_task(n) for n in ("gpt", "llama", "resnet", "hf")] == ["lm", "lm", "image", "lm"]
 
 
 def test_build_model_unknown_name() -> None:

@@ -25,8 +25,8 @@ __all__ = ["SyncState", "bucket_plans", "initial_order"]
 def initial_order(units: Sequence[SyncUnit]) -> list[int]:
     """The expected backward readiness order, before any backward has been seen.
 
-    Reverse registration order, with units that get no gradient (frozen or buffer-only)
-    last: they can only be averaged once backward ends.
+    Reverse registration order, with units that get no gradient (buffer-only: frozen
+    parameters are in no unit) last: they can only be averaged once backward ends.
     """
     backward = list(reversed(range(len(units))))
     has_grad = [any(p.requires_grad for p in u.params) for u in units]

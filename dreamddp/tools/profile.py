@@ -25,6 +25,7 @@ from dreamddp.planning.profile import Profile, UnitProfile
 from dreamddp.training.config import load_config
 from dreamddp.training.data import build_data
 from dreamddp.training.distributed import init_process_group
+from dreamddp.training.lora import apply_lora
 from dreamddp.training.loss import loss_for_task
 from dreamddp.training.models import build_model, model_task
 from dreamddp.training.strategies import build_optimizer
@@ -81,7 +82,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
     rank, world = dist.get_rank(), dist.get_world_size()
     cpu_before = psutil.cpu_times()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model_name, cfg.model_options).to(device)
+    model = apply_lora(build_model(cfg.model_name, cfg.model_options).to(device), cfg.train.lora)  # units as trained
     data = build_data(
         cfg.data.name,
         batch_size=cfg.data.batch_size,

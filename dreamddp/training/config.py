@@ -3,7 +3,9 @@
 A config has three sections. ``[model]`` names a model and passes the rest to its config
 dataclass (validated there). ``[data]`` and ``[train]`` map onto the dataclasses below, which
 validate every value when built, so a typo or a bad number fails before any process group
-exists, with one line naming the key and what is allowed.
+exists, with one line naming the key and what is allowed. A few keys are tables of their own
+(``train.lora = { r = 8, targets = ["qkv"] }``), built and validated the same way; an override
+reaches into one with a dotted key (``--set train.lora.r=16``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.validation import (
     is_int,
+    is_number,
     non_negative_int,
     non_negative_number,
     positive_int,
@@ -30,7 +33,15 @@ from dreamddp.validation import (
     require,
 )
 
-__all__ = ["ALGORITHMS", "DataConfig", "TrainConfig", "ExperimentConfig", "load_config", "apply_overrides"]
+__all__ = [
+    "ALGORITHMS",
+    "DataConfig",
+    "LoraConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "load_config",
+    "apply_overrides",
+]
 
 # The training algorithms, in the order tables list them. The one list: the benchmark and its
 # report derive theirs from it.
@@ -38,6 +49,7 @@ MAX_PERIOD = 100_000  # H beyond any real run; the wrapper holds one bucket plan
 ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -54,6 +66,34 @@ class DataConfig:
             raise ValueError(f"data.name {self.name!r} is unknown; choose one of: {', '.join(DATASETS)}")
         for name in ("batch_size", "seq_len", "max_bytes"):
             positive_int(f"data.{name}", getattr(self, name))
+
+
+@dataclass
+class LoraConfig:
+    """``train.lora``: train LoRA adapters only; the model's own weights are frozen and never sent.
+
+    ``targets`` are module name suffixes (``"qkv"`` matches ``blocks.0.attn.qkv`` and every
+    other block's): each matching Linear, Embedding or Conv gets an adapter of rank ``r``,
+    scaled by ``alpha / r``. ``trainable`` names modules (suffixes too) that stay fully
+    trainable, such as a task head trained from scratch. Applied by ``dreamddp.training.lora``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        positive_int("train.lora.r", self.r)
+        positive_int("train.lora.alpha", self.alpha)
+        dropout = self.dropout
+        require(is_number(dropout) and 0.0 <= dropout < 1.0, "train.lora.dropout", "a number in [0, 1)", dropout)
+        for name in ("targets", "trainable"):
+            names = getattr(self, name)
+            ok = isinstance(names, list) and all(isinstance(n, str) and n and n.strip() == n for n in names)
+            require(ok, f"train.lora.{name}", 'a list of module names such as ["qkv", "proj"]', names)
+        require(bool(self.targets), "train.lora.targets", 'at least one module name, such as ["qkv", "proj"]', [])
 
 
 @dataclass
@@ -91,8 +131,16 @@ class TrainConfig:
     trace: str = ""  # write a Chrome/Perfetto trace of real iterations here
     trace_steps: int = 50  # iterations traced, from the first timed one
     heartbeat_s: float = 1.0  # liveness beat interval, used to name a failed rank
+    # LoRA fine-tuning (a table: r, alpha, dropout, targets, trainable); None = train every parameter.
+    lora: LoraConfig | None = field(default=None, metadata={"table": LoraConfig})
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; parameters, gradients, averages fp32)
+    grad_accum: int = 1  # micro-batches per iteration: data.batch_size is split in k, all but the last under no_sync
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = _build(LoraConfig, self.lora, "train.lora")
+        elif self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(_not_a_table("train.lora", self.lora))
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm {self.algorithm!r} is unknown; choose one of: {', '.join(ALGORITHMS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -106,9 +154,11 @@ class TrainConfig:
                 f"train.overlap {self.overlap!r} is unknown; choose backward, forward, or leave it empty "
                 "for the schedule's"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
-        for name in ("steps", "period", "eval_batches", "checkpoint_keep", "trace_steps"):
+        for name in ("steps", "period", "eval_batches", "checkpoint_keep", "trace_steps", "grad_accum"):
             positive_int(f"train.{name}", getattr(self, name))
         # The wrapper keeps a bucket plan per iteration of the period: an absurd H exhausts memory, not a run.
         require(self.period <= MAX_PERIOD, "train.period", f"at most {MAX_PERIOD}", self.period)
@@ -144,6 +194,14 @@ class ExperimentConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "gpt"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        batch, k = self.data.batch_size, self.train.grad_accum
+        if batch % k:
+            raise ValueError(
+                f"data.batch_size={batch} is not divisible by train.grad_accum={k}: each iteration's batch is "
+                f"split into {k} equal micro-batches; choose a batch size that is a multiple of {k}"
+            )
 
     @property
     def model_name(self) -> str:
@@ -205,7 +263,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``train.steps=50`` style overrides; values are read as TOML, else taken as strings."""
+    """``train.steps=50`` style overrides; values are read as TOML, else taken as strings.
+
+    A dotted key sets one key of a table (``train.lora.r=16``); a whole table is an inline
+    TOML table (``train.lora={ r = 16, targets = ["qkv"] }``).
+    """
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -216,7 +278,17 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
-        out.setdefault(section, {})[name] = value
+        *tables, leaf = name.split(".")
+        target = out.setdefault(section, {})
+        for depth, table in enumerate(tables):
+            inner = target.get(table, {})
+            if not isinstance(inner, dict):
+                where = ".".join([section, *tables[: depth + 1]])
+                raise ValueError(f"override {item!r} sets a key of {where}, which is not a table")
+            inner = dict(inner)  # a copy: the caller's config is not changed
+            target[table] = inner
+            target = inner
+        target[leaf] = value
     return out
 
 
@@ -225,9 +297,19 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     for key, value in values.items():
         if key not in allowed:
             raise ValueError(f"config key {section}.{key} is unknown; allowed: {', '.join(allowed)}")
-        expected = type(allowed[key].default)
+        spec = allowed[key]
+        if "table" in spec.metadata:  # built (and its keys checked) by the dataclass that holds it
+            if not isinstance(value, dict):
+                raise ValueError(_not_a_table(f"{section}.{key}", value))
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        expected = type(default)
         if expected is float and is_int(value):
             continue
         if not isinstance(value, expected) or (expected is int and not is_int(value)):
             raise ValueError(f"config key {section}.{key} must be {expected.__name__}, got {value!r}")
     return cls(**values)
+
+
+def _not_a_table(key: str, value: Any) -> str:
+    return f'config key {key} must be a table such as {{ r = 8, targets = ["qkv"] }}, got {value!r}'

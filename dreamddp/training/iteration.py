@@ -6,8 +6,10 @@ and when. The marks it takes are what the log, the metrics and the trace report.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ class StepTimes:
     """Host ``perf_counter_ns()`` marks around one iteration."""
 
     start: int
-    forward_end: int
+    forward_end: int  # the (last micro-step's) forward returned
     backward_end: int  # loss.backward() returned (DreamDDP's end-of-backward wait included)
     optimizer_end: int
     end: int  # after the strategy's after-step communication
@@ -61,18 +63,51 @@ class IterationRunner:
         *,
         grad_clip: float = 0.0,
         measure_hidden: bool = False,
+        grad_accum: int = 1,
+        precision: str = "fp32",
     ) -> None:
         self.strategy, self.data, self.loss_fn, self.lr_scheduler = strategy, data, loss_fn, lr_scheduler
         self.device, self.grad_clip, self.measure_hidden = device, grad_clip, measure_hidden
+        self.grad_accum, self.precision = grad_accum, precision
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 compute for forward and loss; parameters, gradients and averages stay fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every micro-step but the last under the strategy's ``no_sync``; the loss, and when the last forward ended.
+
+        The step's batch is split into ``grad_accum`` equal micro-batches, each loss scaled by
+        1/k, so the accumulated gradient is the whole batch's (the data stream and the
+        effective batch do not depend on k; only the memory does).
+        """
+        k = self.grad_accum
+        if k == 1:
+            with self._autocast():
+                loss = self.loss_fn(self.strategy.model(x), y)
+            t_forward = time.perf_counter_ns()
+            loss.backward()
+            return loss.detach(), t_forward
+        total = torch.zeros((), device=self.device)
+        t_forward = 0
+        for j, (xs, ys) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
+            last = j == k - 1
+            with contextlib.nullcontext() if last else self.strategy.no_sync():
+                with self._autocast():
+                    loss = self.loss_fn(self.strategy.model(xs), ys) / k
+                t_forward = time.perf_counter_ns()
+                loss.backward()
+            total += loss.detach().float()
+        return total, t_forward
 
     def run(self, step: int) -> IterationResult:
         strategy = self.strategy
         x, y = (t.to(self.device, non_blocking=True) for t in self.data.batch(step))
         t_start = time.perf_counter_ns()
         strategy.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(strategy.model(x), y)
-        t_forward = time.perf_counter_ns()
-        loss.backward()
+        loss, t_forward = self._forward_backward(x, y)
         t_backward = time.perf_counter_ns()
         if self.grad_clip:
             nn.utils.clip_grad_norm_(strategy.raw_model.parameters(), self.grad_clip)

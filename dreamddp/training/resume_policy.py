@@ -29,10 +29,10 @@ __all__ = ["ResumeChanges", "apply_hyperparameters", "compare_configs", "TRAIN_K
 # train.* keys, by what a change on resume means.
 TRAIN_KEYS: dict[str, frozenset[str]] = {
     "refused": frozenset(
-        {"algorithm", "period", "optimizer", "overlap", "seed", "lr_schedule", "lr_warmup", "post_local_warmup"}
+        {"algorithm", "period", "optimizer", "overlap", "seed", "lr_schedule", "lr_warmup", "post_local_warmup", "lora"}
     ),
     # Written into the restored optimizer / LR schedule, or read from the config every iteration.
-    "applied": frozenset({"lr", "weight_decay", "momentum", "grad_clip", "steps"}),
+    "applied": frozenset({"lr", "weight_decay", "momentum", "grad_clip", "steps", "precision", "grad_accum"}),
     # No effect on the arithmetic of training: accepted with a notice.
     "operational": frozenset(
         {

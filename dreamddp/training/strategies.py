@@ -12,10 +12,16 @@ never looks inside a strategy, so a wrapper's internals can change without touch
 - ``post_local_sgd``: torch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``.
 - ``plsgd``: DreamDDP with H contiguous groups of about equal bytes (no profile).
 - ``dreamddp``: DreamDDP with a schedule file (the scheduler's output), else PLSGD's groups.
+
+Frozen parameters (``requires_grad=False``, e.g. a LoRA base model) are never communicated and
+never given to an optimizer: every algorithm averages, or all-reduces the gradients of, the
+trainable parameters (and floating buffers) only — ``sync_units`` for the local methods, torch
+DDP's own rule for ``ssgd``, the optimizer's parameters for torch's PostLocalSGD averager.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostL
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.optim import PostLocalSGDOptimizer
 
+from dreamddp.core.agreement import check_frozen
 from dreamddp.core.collectives import average_tensors
 from dreamddp.core.ddp import DreamDDP
 from dreamddp.core.schedule import Schedule
@@ -36,7 +43,15 @@ from dreamddp.emulation.link import SimulatedLink, sleep_until
 from dreamddp.training.config import TrainConfig
 from dreamddp.training.link_hooks import linked_allreduce_hook, linked_post_local_sgd_hook
 
-__all__ = ["SCHEDULED", "CommStats", "Strategy", "build_lr_scheduler", "build_optimizer", "build_strategy"]
+__all__ = [
+    "SCHEDULED",
+    "CommStats",
+    "Strategy",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "build_strategy",
+    "trainable_parameters",
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,11 @@ class CommStats:
 def _after_step_comm(wait_s: float | None, bytes_sent: int, units_synced: int = 0) -> CommStats:
     """Stats of a strategy whose communication (if any) blocks after the optimizer step."""
     return CommStats(wait_s, bytes_sent, units_synced, after_step_wait_s=wait_s or 0.0)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer steps and an algorithm communicates: those with ``requires_grad``."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -88,7 +108,7 @@ class Strategy:
         self.cfg = cfg
         self.link = link
         self.model: nn.Module = model
-        self.optimizer: torch.optim.Optimizer = build_optimizer(cfg, model.parameters())
+        self.optimizer: torch.optim.Optimizer = build_optimizer(cfg, trainable_parameters(model))
         self.note = ""  # anything the run should report about how this strategy was set up
         self.n_units = len(sync_units(model))
         self._last = _after_step_comm(0.0, 0)
@@ -136,12 +156,23 @@ class Strategy:
     def flush(self) -> None:
         """Land communication still in flight before something reads every weight (evaluation)."""
 
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """A gradient-accumulation micro-step: a backward that communicates nothing (DDP's when wrapped)."""
+        return _ddp_no_sync(self.model)
+
     def finish(self) -> None:
         """Make every rank's model equal (not part of the timed iterations)."""
         average_tensors([t for u in sync_units(self.raw_model) for t in u.tensors])
 
     def close(self) -> None:
         pass
+
+
+def _ddp_no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """torch DDP's own ``no_sync`` for a DDP-wrapped model, else nothing to suppress."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 class NoCommunication(Strategy):
@@ -156,8 +187,8 @@ class SSGD(Strategy):
         self.model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
         if link is not None:
             self.model.register_comm_hook(link, linked_allreduce_hook)
-        self.optimizer = build_optimizer(cfg, self.model.parameters())
-        self._grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        self.optimizer = build_optimizer(cfg, trainable_parameters(self.model))
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(model))
 
     def after_step(self, step: int) -> None:
         # The all-reduce ran inside backward, where torch DDP does not say how long it blocked.
@@ -176,7 +207,11 @@ class SSGD(Strategy):
 
 
 class LocalSGD(Strategy):
-    """Every parameter and buffer averaged every H iterations after the step (bucketed)."""
+    """Every trainable parameter and floating buffer averaged every H iterations after the step (bucketed)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
+        super().__init__(model, cfg, link)
+        check_frozen(sync_units(model))  # never averaged: every rank must start with the same ones
 
     def after_step(self, step: int) -> None:
         if (step + 1) % self.cfg.period:
@@ -226,11 +261,12 @@ class PostLocalSGD(Strategy):
             self.model.register_comm_hook(state, post_localSGD_hook)
         else:
             self.model.register_comm_hook((state, link), linked_post_local_sgd_hook)
-        self._param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # The averager averages the optimizer's parameters: only the trainable ones (DDP has made
+        # the frozen ones equal at construction, and they never change).
+        trainable = trainable_parameters(model)
+        self._param_bytes = sum(p.numel() * p.element_size() for p in trainable)
         self.averager = _LinkedAverager(link, self._param_bytes, period=cfg.period, warmup_steps=cfg.post_local_warmup)
-        self._post_local = PostLocalSGDOptimizer(
-            optim=build_optimizer(cfg, self.model.parameters()), averager=self.averager
-        )
+        self._post_local = PostLocalSGDOptimizer(optim=build_optimizer(cfg, trainable), averager=self.averager)
         self.optimizer = self._post_local
 
     def after_step(self, step: int) -> None:
@@ -341,6 +377,9 @@ class PartialLocalSGD(Strategy):
 
     def flush(self) -> None:
         self.ddp.flush(delayed=False)  # a delayed average lands on its own iteration, or the trajectory moves
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return self.ddp.no_sync()
 
     def finish(self) -> None:
         self.ddp.average_all()

@@ -42,6 +42,7 @@ from dreamddp.training.data import build_data
 from dreamddp.training.distributed import agree, init_process_group, rank_zero_value
 from dreamddp.training.evaluation import PeriodicEvaluator
 from dreamddp.training.iteration import IterationRunner
+from dreamddp.training.lora import apply_lora
 from dreamddp.training.loss import loss_for_task
 from dreamddp.training.models import build_model, model_task
 from dreamddp.training.observers import IterationObserver, MetricsObserver, ProgressReporter, TraceObserver
@@ -119,6 +120,8 @@ class Trainer:
         agree(lambda: check_output_paths(cfg))  # one rank's unwritable path stops every rank
         _seed_everything(cfg.train.seed)
         model = build_model(cfg.model_name, cfg.model_options).to(device)
+        if cfg.train.lora is not None:  # adapters only: the rest is frozen, never sent (training/lora.py)
+            model = agree(lambda: apply_lora(model, cfg.train.lora))
         schedule = agree(lambda: resolve_schedule(cfg, model, self.world))
         self.task = model_task(cfg.model_name)
         self.data = build_data(
@@ -133,6 +136,8 @@ class Trainer:
         )
         self.link = link_from_settings(cfg.train.link, self.world)
         _require_measurable_link(self.link, device)
+        if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"train.precision='bf16' needs a GPU with bfloat16 support; {device} has none: use 'fp32'")
         self.strategy = build_strategy(model, cfg.train, self.link, schedule)
         self.metrics = self._serve_metrics()
         self.lr_scheduler = build_lr_scheduler(self.tc, self.strategy.optimizer)
@@ -146,6 +151,8 @@ class Trainer:
             device,
             grad_clip=self.tc.grad_clip,
             measure_hidden=self.metrics is not None,
+            grad_accum=self.tc.grad_accum,
+            precision=self.tc.precision,
         )
         self.evaluator = PeriodicEvaluator(
             self.strategy,

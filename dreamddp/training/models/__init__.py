@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from dreamddp.training.models.gpt import GPT, GPTConfig
+from dreamddp.training.models.hf import HFCausalLM, HFConfig
 from dreamddp.training.models.llama import Llama, LlamaConfig
 from dreamddp.training.models.resnet import ResNet, ResNetConfig
 
@@ -29,6 +30,8 @@ MODELS: dict[str, ModelEntry] = {
     "gpt": ModelEntry(GPTConfig, GPT, "lm"),
     "llama": ModelEntry(LlamaConfig, Llama, "lm"),
     "resnet": ModelEntry(ResNetConfig, ResNet, "image"),
+    # Hugging Face transformers models (the hf extra); transformers is imported only when used.
+    "hf": ModelEntry(HFConfig, HFCausalLM, "lm"),
 }
 
 
@@ -60,7 +63,7 @@ def build_model(name: str, options: dict[str, Any]) -> nn.Module:
 
 
 def model_task(name: str) -> str:
-    """``"lm"`` for language models (gpt, llama), ``"image"`` for classifiers (resnet)."""
+    """``"lm"`` for language models (gpt, llama, hf), ``"image"`` for classifiers (resnet)."""
     return _lookup(name).task
 
 
@@ -68,6 +71,8 @@ __all__ = [
     "GPT",
     "MODELS",
     "GPTConfig",
+    "HFCausalLM",
+    "HFConfig",
     "Llama",
     "LlamaConfig",
     "ModelEntry",
