@@ -489,8 +489,9 @@ FAST_CLI_CASES = {
     "invalid-toml",
     "schedule-world-size-changed",
     "checkpoint-corrupt",
-    "hf-unknown-model-type",
 }
+# API rows that spawn two ranks run in the slow tier; one (models-differ-across-ranks) stays fast.
+SLOW_API_CASES = {"forward-overlap-stale-read", "join-not-first", "frozen-weights-differ"}
 
 
 @pytest.mark.timeout(150)  # the checkpoint rows may first train the run they resume
@@ -623,7 +624,11 @@ API_CASES = [
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("case", API_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW_API_CASES else c for c in API_CASES],
+    ids=lambda c: c.id,
+)
 def test_api_bad_input_raises_one_line(case: ApiCase) -> None:
     err = case.raise_it()
     text = f"{type(err).__name__}: {err}"

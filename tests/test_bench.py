@@ -90,6 +90,7 @@ def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
     assert _is_png(conv_dir / "convergence.png")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(bool(_cluster_unavailable()), reason=_cluster_unavailable() or "ok")
 def test_grid_through_the_emulated_cluster(tmp_path, monkeypatch):

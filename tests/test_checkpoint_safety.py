@@ -98,6 +98,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(small_disk):
     _tiny(small_disk)
@@ -183,6 +184,7 @@ def test_a_changed_lr_is_written_over_the_restored_optimizer(schedule):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * sched.lr_lambdas[0](4))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_resume_applies_a_new_lr_and_refuses_a_new_optimizer(tmp_path):
     _tiny(tmp_path)

@@ -172,6 +172,7 @@ def _backward_is_exact(rank: int, world: int) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_reading_a_child_weight_is_exact_with_backward_overlap_and_stale_without_the_check():
     for r in run_workers(_backward_is_exact, 2, timeout=50):
@@ -237,6 +238,7 @@ def _passes(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_models_reading_through_their_owners_pass_and_the_check_leaves_nothing_behind():
     for r in run_workers(_passes, 2, timeout=50):

@@ -189,6 +189,7 @@ def test_build_is_deterministic_under_the_seed():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------- the trainer
 def test_trainer_runs_hf_gpt2_tiny_end_to_end(tmp_path):
     log = tmp_path / "hf.jsonl"

@@ -228,6 +228,7 @@ def test_join_uneven_inputs_paper_mode():
         _check_against_reference(results, PLAIN, steps)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_join_uneven_inputs_forward_overlap():
     scenarios = [("forward", [6, 3]), ("linked", [2, 5]), ("delayed", [6, 3]), ("delayed", [2, 5])]
@@ -236,6 +237,7 @@ def test_join_uneven_inputs_forward_overlap():
         _check_against_reference([per_rank[0][i], per_rank[1][i]], {"delayed": DELAYED}.get(name, FORWARD), steps)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_join_without_uneven_inputs_changes_nothing():
     for rank, out in enumerate(run_workers(_even, 2, timeout=60)):

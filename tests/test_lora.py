@@ -213,6 +213,7 @@ def _assert_same(a, b, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 @needs_peft
 def test_lora_trains_checkpoints_and_resumes_bitwise(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -81,6 +81,7 @@ def _alive(marker: str) -> list[str]:
     return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     proc = _start(tmp_path)

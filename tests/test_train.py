@@ -48,7 +48,11 @@ def model_bytes(config_overrides: list[str]) -> int:
 
 @pytest.mark.parametrize(
     "algorithm",
-    [pytest.param("none", marks=pytest.mark.slow), "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp"],
+    [
+        *(pytest.param(a, marks=pytest.mark.slow) for a in ("none", "local_sgd", "post_local_sgd", "plsgd")),
+        "ssgd",
+        "dreamddp",
+    ],
 )
 def test_every_algorithm_trains_under_torchrun(tmp_path, algorithm):
     summary = torchrun(tmp_path, "gpt-tiny.toml", TINY_GPT + [f"train.algorithm={algorithm}", "train.link=1gbit,1ms"])
@@ -110,6 +114,7 @@ def test_schedule_file_is_used(tmp_path):
     assert "period 1" in summary["note"]
 
 
+@pytest.mark.slow
 def test_schedule_files_period_is_the_period_reported_and_traced(tmp_path):
     """train.period=4, but the schedule file's H is 2: the run follows the file, and so must its
     summary and the phases in its trace (they used to say 4)."""
