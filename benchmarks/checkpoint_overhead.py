@@ -68,7 +68,7 @@ def main() -> None:
             times["verify"].append(time.perf_counter() - start)
         size = path.stat().st_size
     plain, summed, verify = (statistics.median(times[k]) for k in ("plain", "checksummed", "verify"))
-    print(f"GPT {cfg.model_options}: {params / 1e6:.1f} M parameters, rank file {size / 2**20:.0f} MiB; ")
+    print(f"GPT {cfg.model_options}: {params / 1e6:.1f} M parameters, rank file {size / 2**20:.0f} MiB;")
     print(f"{args.repeats} interleaved repeats, medians.\n")
     print("| | seconds | share of the plain save |")
     print("|---|---:|---:|")

@@ -51,7 +51,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     first = _train(tmp_path, "train.steps=4", "train.checkpoint_every=2")
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = tmp_path / "ckpt"
-    assert verify_checkpoint(ckpt / "step-00000004") == []
+    assert verify_checkpoint(ckpt / "step-00000004").problems == []
     _flip_tensor_bytes(ckpt / "step-00000004" / "rank-00000.pt")
     torch.load(ckpt / "step-00000004" / "rank-00000.pt", weights_only=True)  # still loads: only a checksum sees it
 
@@ -112,7 +112,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(small_disk):
     ckpt = small_disk / "ckpt"
     assert not list(ckpt.rglob("*.tmp.*")), list(ckpt.rglob("*"))
     committed = sorted(p.name for p in ckpt.glob("step-*"))
-    assert committed and all(verify_checkpoint(ckpt / name) == [] for name in committed), committed
+    assert committed and all(verify_checkpoint(ckpt / name).problems == [] for name in committed), committed
     assert (ckpt / "latest").read_text().strip() == committed[-1]
 
 
@@ -231,4 +231,25 @@ def test_a_checkpoint_directory_copy_keeps_verifying(tmp_path):
     digest = save_atomic({"x": torch.ones(3)}, src / "rank-00000.pt")
     (src / "meta.json").write_text(json.dumps({"step": 1, "world_size": 1, "files": {"rank-00000.pt": digest}}))
     shutil.copytree(src, tmp_path / "b")
-    assert verify_checkpoint(tmp_path / "b") == []
+    assert verify_checkpoint(tmp_path / "b").problems == []
+
+
+def test_a_changed_steps_moves_the_cosine_lr_at_once():
+    """train.steps sets where the cosine reaches 0: the resumed iteration's LR follows the new one."""
+    model = torch.nn.Linear(2, 2)
+    old_cfg = TrainConfig(lr=0.1, lr_schedule="cosine", steps=10, optimizer="sgd")
+    old_opt = torch.optim.SGD(model.parameters(), lr=old_cfg.lr)
+    old_sched = build_lr_scheduler(old_cfg, old_opt)
+    assert old_sched is not None
+    for _ in range(5):
+        old_opt.step()
+        old_sched.step()
+    new_cfg = dataclasses.replace(old_cfg, steps=100)
+    opt = torch.optim.SGD(model.parameters(), lr=new_cfg.lr)
+    sched = build_lr_scheduler(new_cfg, opt)
+    assert sched is not None
+    opt.load_state_dict(old_opt.state_dict())
+    sched.load_state_dict(old_sched.state_dict())
+    apply_hyperparameters({"steps"}, new_cfg, opt, sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * sched.lr_lambdas[0](5))
+    assert opt.param_groups[0]["lr"] > 0.09  # iteration 5 of 100, not of 10 (where it would be 0.05)

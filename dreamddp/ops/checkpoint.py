@@ -52,6 +52,7 @@ __all__ = [
     "file_digest",
     "restore_rng",
     "save_atomic",
+    "Verification",
     "unit_signatures",
     "verify_checkpoint",
 ]
@@ -206,21 +207,27 @@ class Checkpointer:
         target = self.directory / _step_dir_name(step)
         payload = {"format": CHECKPOINT_FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size, **state}
 
-        def write_parts() -> dict[str, Any]:
+        def write_parts() -> tuple[dict[str, Any], bool]:
             target.mkdir(parents=True, exist_ok=True)
             files = {_rank_file_name(self.rank): save_atomic(payload, target / _rank_file_name(self.rank))}
             if self.rank == 0:
                 for name, obj in (shared or {}).items():
                     files[name] = save_atomic(obj, target / name)
-            return files
+            return files, launcher_died()
 
         # The gather doubles as the barrier: every rank's file is durable before the commit mark exists.
         parts = self._everyone(step, target, write_parts)
-        files = {name: digest for part in parts for name, digest in part.items()}
+        if any(orphaned for _, orphaned in parts):
+            # Decided on what every rank said, so all skip the commit alike: an orphaned job (its
+            # launcher gone) must not advance a directory that a restarted job will share.
+            if self.rank == 0:
+                shutil.rmtree(target, ignore_errors=True)
+            return target
+        files = {name: digest for part, _ in parts for name, digest in part.items()}
 
         def commit() -> None:
-            if self.rank != 0 or launcher_died():
-                return  # an orphaned job (its launcher gone) never commits: a restarted one shares the directory
+            if self.rank != 0:
+                return
             write_json_atomic(
                 target / _META,
                 {"format": CHECKPOINT_FORMAT, "step": step, "world_size": self.world_size, "files": files, **meta},
@@ -274,37 +281,58 @@ class Checkpointer:
             )
         return meta
 
-    def verify(self, path: Path) -> str | None:
-        """Why this rank cannot resume from ``path`` (its metadata or its file is damaged), or None."""
+    def verify(self, path: Path) -> tuple[str | None, str | None]:
+        """(damage, mismatch) of this rank's part of ``path``: why it cannot be resumed from, or Nones.
+
+        *Damage* (unreadable metadata, a file that does not match its checksum) is a reason to fall
+        back to an older checkpoint. A *mismatch* (another world size, this rank's file missing)
+        is not: every checkpoint of the directory would fail alike, and deleting them is not the fix.
+        """
         try:
             meta = read_json(path / _META, "checkpoint metadata")
             int(meta["step"])
+            world = int(meta["world_size"])
         except (ValueError, KeyError, TypeError) as err:
-            return str(err) if isinstance(err, ValueError) else f"{path / _META} has no step"
+            return (str(err) if isinstance(err, ValueError) else f"{path / _META} has no step or world_size"), None
+        if world != self.world_size:
+            return None, (
+                f"checkpoint {path} was written by {world} ranks, this job has {self.world_size}: local-SGD state "
+                f"is per rank and cannot be re-split; resume with {world} ranks, or use another checkpoint directory"
+            )
         name = _rank_file_name(self.rank)
-        if "files" not in meta:
+        if not (path / name).exists():
+            return None, (
+                f"checkpoint {path} has no file for rank {self.rank} ({name}): is the checkpoint directory not "
+                "shared by every node?"
+            )
+        files = meta.get("files")
+        if files is None:
             logger.warning("checkpoint %s predates checksums: %s is loaded unverified", path, name)
-            return None
-        expected = meta["files"].get(name)
-        if expected is None:
-            return f"its metadata lists no {name}"
-        return check_file(path / name, expected)
+            return None, None
+        expected = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(expected, dict):
+            return f"its metadata lists no checksum for {name}", None
+        return check_file(path / name, expected), None
 
     def agreed_resume_step(self, device: torch.device) -> int | None:
         """Collective: the newest checkpoint whose every rank file verifies, the same on every rank.
 
         Rank 0 lists the candidates (the directory is shared; its view decides); each rank checks
         its own file. A damaged newer checkpoint is skipped with one warning naming it; when every
-        checkpoint is damaged the error names each.
+        checkpoint is damaged the error names each. A checkpoint that does not fit this job (world
+        size, a node that does not see the directory) stops every rank with that line instead.
         """
         names: list[Any] = [[p.name for p in self.committed()] if self.rank == 0 else None]
         dist.broadcast_object_list(names, src=0, device=device if device.type == "cuda" else None)
         skipped: list[str] = []
         for name in names[0]:
-            problem = self.verify(self.directory / name)
-            problems: list[Any] = [None] * self.world_size
-            dist.all_gather_object(problems, problem)
-            bad = [(r, p) for r, p in enumerate(problems) if p is not None]
+            verdict = self.verify(self.directory / name)
+            verdicts: list[Any] = [None] * self.world_size
+            dist.all_gather_object(verdicts, verdict)
+            for r, (_, mismatch) in enumerate(verdicts):
+                if mismatch is not None:
+                    raise CheckpointError(mismatch if r == self.rank else f"rank {r}: {mismatch}")
+            bad = [(r, damage) for r, (damage, _) in enumerate(verdicts) if damage is not None]
             if not bad:
                 if skipped and self.rank == 0:
                     logger.warning(
@@ -317,6 +345,20 @@ class Checkpointer:
                 f"no checkpoint in {self.directory} verifies: {'; '.join(skipped)}; "
                 "delete the damaged ones or use another checkpoint directory"
             )
+        return None
+
+    def newest_plausible(self) -> int | None:
+        """The step a rerun would most likely resume from, without hashing (for a stop message):
+        the newest committed checkpoint with this job's world size and this rank's file at its written size."""
+        for path in self.committed():
+            try:
+                meta = read_json(path / _META, "checkpoint metadata")
+                expected = meta.get("files", {}).get(_rank_file_name(self.rank), {})
+                size = (path / _rank_file_name(self.rank)).stat().st_size
+                if int(meta["world_size"]) == self.world_size and expected.get("bytes", size) == size:
+                    return int(meta["step"])
+            except (ValueError, KeyError, TypeError, AttributeError, OSError):
+                continue
         return None
 
     def load(self, step: int, expect: dict[str, Any]) -> dict[str, Any]:
@@ -364,27 +406,43 @@ class Checkpointer:
         return state
 
 
-def verify_checkpoint(path: Path) -> list[str]:
-    """Every problem with the checkpoint directory ``path`` (all ranks' files); empty when it verifies."""
+@dataclass(frozen=True)
+class Verification:
+    """What ``dreamddp checkpoint verify`` found in one checkpoint directory."""
+
+    resumable: bool  # a resume would use it: committed, and every rank file verifies (or predates checksums)
+    problems: list[str]  # every problem, rank files and the rest (averaged.pt)
+    unverified: bool = False  # written before checksums: nothing to verify against
+
+
+def verify_checkpoint(path: Path) -> Verification:
+    """Check every file of the checkpoint directory ``path`` against the checksums in its commit mark."""
     if not (path / _META).exists():
-        return ["incomplete: no commit mark (meta.json), so it is never resumed from"]
+        return Verification(False, ["incomplete: no commit mark (meta.json), so it is never resumed from"])
     try:
         meta = read_json(path / _META, "checkpoint metadata")
-        files = meta["files"]
         world = int(meta["world_size"])
     except ValueError as err:
-        return [str(err)]
+        return Verification(False, [str(err)])
     except (KeyError, TypeError):
-        return [f"{_META} lists no file checksums (written before checksums, or edited): cannot verify"]
-    problems = [f"its metadata lists no {_rank_file_name(r)}" for r in range(world) if _rank_file_name(r) not in files]
+        return Verification(False, [f"{_META} has no world_size"])
+    files = meta.get("files")
+    rank_names = [_rank_file_name(r) for r in range(world)]
+    if files is None:
+        missing = [f"{name} is missing" for name in rank_names if not (path / name).exists()]
+        return Verification(not missing, missing, unverified=True)
+    if not isinstance(files, dict):
+        return Verification(False, [f"{_META}'s files is not a table of checksums"])
+    rank_problems = [f"its metadata lists no {name}" for name in rank_names if name not in files]
+    other_problems: list[str] = []
     for name, expected in sorted(files.items()):
         if Path(name).name != name or not isinstance(expected, dict):
-            problems.append(f"{_META} lists {name!r}, which is not a file of this directory")
-            continue
-        problem = check_file(path / name, expected)
+            problem: str | None = f"{_META} lists {name!r}, which is not a file of this directory"
+        else:
+            problem = check_file(path / name, expected)
         if problem is not None:
-            problems.append(problem)
-    return problems
+            (rank_problems if name in rank_names else other_problems).append(problem)
+    return Verification(not rank_problems, rank_problems + other_problems)
 
 
 _OTHER_MODEL = "resume with the model config it was written with, or use another checkpoint directory"

@@ -27,6 +27,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -82,21 +83,36 @@ _diagnosing = threading.Event()  # while set, SIGTERM only waits for the diagnos
 _launcher_died = threading.Event()  # set by LauncherWatchdog before it stops this rank
 
 
-def install_sigterm() -> None:
+_stopping = threading.Event()  # set by the first stop signal: later ones (torchrun forwards Ctrl-C again) are ignored
+
+
+def install_sigterm() -> Callable[[], None]:
     """Turn SIGTERM and SIGINT into ``Terminated`` in the main thread, so the trainer can say why it stops.
 
     While a failure is being diagnosed, the signal is held back: torchrun sends SIGTERM to every
     survivor as soon as one rank dies, and the survivor's line naming the dead rank is worth
-    the two seconds it takes (torchrun waits 30 s before it escalates to SIGKILL).
+    the two seconds it takes (torchrun waits 30 s before it escalates to SIGKILL). Only the
+    first signal raises: Ctrl-C reaches a worker twice (from the terminal and forwarded by
+    torchrun), and a second ``Terminated`` in the middle of the clean-up would bury the line.
+    Returns a function that restores the previous handlers (a caller that trains in-process).
     """
 
     def handler(signum: int, _frame) -> None:
-        if not _diagnosing.is_set():
-            raise Terminated(signal.Signals(signum).name)
+        if _diagnosing.is_set() or _stopping.is_set():
+            return
+        _stopping.set()
+        raise Terminated(signal.Signals(signum).name)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _stopping.clear()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
 
 
 def launcher_died() -> bool:
@@ -221,9 +237,9 @@ class Heartbeat:
         # Publish at least every interval, and soon after the iteration moves, so a diagnosis
         # can say where a dead rank was; at most 5 small writes a second, off the main thread.
         last_sent, last_time = self.iteration, time.monotonic()
-        launcher = os.getppid()
+        launcher = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None  # torchrun hosts the store
         while not self._stop.wait(min(0.2, self.interval_s)):
-            if os.getppid() != launcher or _launcher_died.is_set():
+            if _launcher_died.is_set() or (launcher is not None and os.getppid() != launcher):
                 return  # the store may have died with the launcher: a write now only prints C++ frames
             now = time.monotonic()
             if self.iteration == last_sent and now - last_time < self.interval_s:

@@ -30,14 +30,18 @@ def _verify(directory: Path) -> int:
         return 2
     resume_from, damaged = None, 0
     for path in candidates:
-        problems = verify_checkpoint(path)
+        found = verify_checkpoint(path)
         committed = (path / "meta.json").exists()
-        if not problems:
-            print(f"{path.name}: ok")
-            resume_from = resume_from or path.name
+        if found.resumable and not found.problems:
+            print(f"{path.name}: {'ok, written before checksums (not verified)' if found.unverified else 'ok'}")
         else:
             damaged += committed
-            print(f"{path.name}: {'DAMAGED' if committed else 'skipped'}: {'; '.join(problems)}")
+            label = "DAMAGED" if committed else "skipped"
+            if found.resumable:  # only a file a resume does not load (averaged.pt) is damaged
+                label += " (its rank files verify: a resume may use it)"
+            print(f"{path.name}: {label}: {'; '.join(found.problems)}")
+        if found.resumable:
+            resume_from = resume_from or path.name
     if resume_from:
         print(f"a resume starts from {resume_from}")
     else:

@@ -73,8 +73,15 @@ def _error(err: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # The library's notices (a checkpoint fallen back from, a setting changed on resume) as one line each.
-    logging.basicConfig(level=logging.WARNING, format="dreamddp train: %(message)s")
+    # The library's notices (a checkpoint fallen back from, a setting changed on resume) as one line
+    # each; only dreamddp's own loggers, so another library's warnings are not printed as ours.
+    library = logging.getLogger("dreamddp")
+    if not library.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("dreamddp train: %(message)s"))
+        library.addHandler(handler)
+        library.setLevel(logging.WARNING)
+        library.propagate = False
     try:
         cfg = load_config(args.config, _overrides(args))
         FaultPlan.from_env()  # a malformed DREAMDDP_FAULT is bad input, found before any process group

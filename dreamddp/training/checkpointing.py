@@ -14,7 +14,6 @@ import torch
 
 from dreamddp.core.units import sync_units
 from dreamddp.ops.checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng, unit_signatures
-from dreamddp.ops.failures import launcher_died
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.distributed import agree
 from dreamddp.training.evaluation import averaged_state
@@ -120,16 +119,15 @@ class TrainingCheckpoints:
         if self.checkpointer is None:
             return "no checkpoints are written (train.checkpoint_dir is not set): a rerun starts from iteration 0"
         # The directory, not this rank's memory: a stop can land between rank 0's commit and the others' return.
-        committed = self.checkpointer.committed()
-        if not committed:
+        step = self.checkpointer.newest_plausible()
+        if step is None:
             return f"no checkpoint in {self.cfg.train.checkpoint_dir!r} yet: a rerun starts from iteration 0"
-        step = int(committed[0].name.removeprefix("step-"))
         return f"a rerun resumes from iteration {step} (the checkpoint in {self.cfg.train.checkpoint_dir!r})"
 
     def save(self, steps_done: int, train_time_s: float) -> None:
         """Collective: this rank's state after ``steps_done`` iterations (and rank 0 the averaged model)."""
-        if self.checkpointer is None or launcher_died():
-            return  # orphaned workers must not advance a directory a restarted job will share
+        if self.checkpointer is None:
+            return
         tc = self.cfg.train
         state = {
             **self.strategy.checkpoint_state(),

@@ -118,7 +118,7 @@ def apply_hyperparameters(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None,
 ) -> None:
-    """Write this run's ``keys`` (lr, weight_decay, momentum) over what the checkpoint restored.
+    """Write this run's ``keys`` (lr, weight_decay, momentum; steps moves the LR schedule) over what the checkpoint restored.
 
     ``optimizer.load_state_dict`` restores the saved run's values into every param group, and
     the LR schedule its base LR: without this a changed ``train.lr`` would be silently ignored.
@@ -129,15 +129,19 @@ def apply_hyperparameters(
             group["weight_decay"] = cfg.weight_decay
         if "momentum" in keys and "momentum" in group:
             group["momentum"] = cfg.momentum
-    if "lr" not in keys:
+    if not keys & {"lr", "steps"}:
         return
     if lr_scheduler is None:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr
+        if "lr" in keys:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr
         return
     if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
         raise TypeError(f"cannot apply a changed train.lr to a {type(lr_scheduler).__name__}")
-    lr_scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, strict=True):
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * factor(lr_scheduler.last_epoch)
+    # A new base LR, or a new train.steps (the cosine reaches 0 there): the LR of the iteration
+    # about to run is recomputed now, not one scheduler step later.
+    if "lr" in keys:
+        lr_scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(lr_scheduler.last_epoch)

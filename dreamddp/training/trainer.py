@@ -65,11 +65,14 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """Train as configured; return the summary on rank 0 (None elsewhere)."""
     device = init_process_group(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    install_sigterm()
+    restore_signals = install_sigterm()
     watchdog = LauncherWatchdog()
     heartbeat = Heartbeat(rank, world, cfg.train.heartbeat_s)
     try:
-        trainer = Trainer(cfg, device, heartbeat)
+        try:
+            trainer = Trainer(cfg, device, heartbeat)
+        except Terminated as sig:
+            raise Stopped(f"rank {rank} stopped while starting ({sig}): nothing was trained or written") from None
         try:
             summary = trainer.train()
         except BaseException:
@@ -84,9 +87,12 @@ def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
             gc.collect()  # anything holding the process group must go before it is destroyed
         dist.barrier()
         return summary if rank == 0 else None
+    except Terminated as sig:  # after training: every checkpoint is written, nothing is lost
+        raise Stopped(f"rank {rank} stopped after training ({sig}); its final checkpoint is written") from None
     finally:
         heartbeat.close()
         watchdog.close()
+        restore_signals()
         dist.destroy_process_group()
 
 
@@ -104,6 +110,11 @@ def _require_measurable_link(link: SimulatedLink | None, device: torch.device) -
             f"dreamddp train: error: a latency-only link ({link.spec}) needs gloo; "
             "with NCCL use a full simulated link such as train.link=100mbit,20ms"
         )
+
+
+def _require_bf16_support(cfg: ExperimentConfig, device: torch.device) -> None:
+    if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision='bf16' needs a GPU with bfloat16 support; {device} has none: use 'fp32'")
 
 
 class Trainer:
@@ -136,8 +147,7 @@ class Trainer:
         )
         self.link = link_from_settings(cfg.train.link, self.world)
         _require_measurable_link(self.link, device)
-        if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"train.precision='bf16' needs a GPU with bfloat16 support; {device} has none: use 'fp32'")
+        agree(lambda: _require_bf16_support(cfg, device))  # mixed GPUs: one rank's lack stops every rank
         self.strategy = build_strategy(model, cfg.train, self.link, schedule)
         self.metrics = self._serve_metrics()
         self.lr_scheduler = build_lr_scheduler(self.tc, self.strategy.optimizer)
@@ -178,6 +188,12 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def train(self) -> dict[str, Any] | None:
         """Train from the latest checkpoint (or the start); the summary on rank 0, None elsewhere."""
+        try:
+            return self._train()
+        except Terminated as sig:  # outside the loop: resuming, the final save, evaluation
+            raise self._stopped(self.heartbeat.iteration, sig) from None
+
+    def _train(self) -> dict[str, Any] | None:
         start = self.checkpoints.resume()
         self.totals.train_time_s = start.train_time_s
         log = RankZeroLog(self.tc.log if self.rank == 0 else None, append=start.step > 0)
