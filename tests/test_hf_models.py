@@ -42,7 +42,9 @@ def _build(options: dict) -> nn.Module:
 def _jobs(options: dict) -> list[tuple[Schedule, str]]:
     units = sync_units(_build(options))
     names = [u.name for u in units]
-    return [(Schedule.plsgd(units, PERIOD), "adamw"), (random_schedule(names, PERIOD, seed=3), "momentum")]
+    # Not AdamW: GPT-2's key bias has a gradient that is zero up to rounding (softmax ignores a shift),
+    # and Adam scales that rounding noise to full-size steps, so two exact runs differ there.
+    return [(Schedule.plsgd(units, PERIOD), "momentum"), (random_schedule(names, PERIOD, seed=3), "sgd")]
 
 
 # ------------------------------------------------------- one spawn of 2 gloo ranks, shared
