@@ -481,14 +481,14 @@ def two_rank_checkpoint(tmp_path_factory) -> Path:
     return _train_checkpoint(tmp_path_factory.mktemp("two-ranks"), 2)
 
 
-# Each CLI row starts a Python process (a few seconds each); these cover the config, the link, the
-# schedule file and a checkpoint in `make test`, and every row runs in the slow tier.
+# Each CLI row starts a Python process (a few seconds each); these cover the config, the link and the
+# schedule file in `make test` (checkpoint damage: tests/test_checkpoint_safety.py), and every row
+# runs in the slow tier.
 FAST_CLI_CASES = {
     "period-zero",
     "malformed-link",
     "invalid-toml",
     "schedule-world-size-changed",
-    "checkpoint-corrupt",
 }
 # API rows that spawn two ranks run in the slow tier; one (models-differ-across-ranks) stays fast.
 SLOW_API_CASES = {"forward-overlap-stale-read", "join-not-first", "frozen-weights-differ"}

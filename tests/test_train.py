@@ -76,7 +76,7 @@ def test_every_algorithm_trains_under_torchrun(tmp_path, algorithm):
 @pytest.mark.parametrize(
     "config,overrides",
     [
-        (
+        pytest.param(  # slow tier: the HF Llama tests exercise a Llama-style model in the fast one
             "llama-tiny.toml",
             [
                 "model.n_layer=1",
@@ -86,6 +86,7 @@ def test_every_algorithm_trains_under_torchrun(tmp_path, algorithm):
                 "data.max_bytes=200000",
                 "train.steps=4",
             ],
+            marks=pytest.mark.slow,
         ),
         pytest.param(
             "resnet18-digits.toml", ["model.width=4", "data.batch_size=8", "train.steps=4"], marks=pytest.mark.slow
