@@ -18,6 +18,9 @@ from dreamddp.training.lora import apply_lora
 from dreamddp.training.models import build_model
 from dreamddp.training.resume_policy import compare_configs
 
+from .test_bad_inputs import TINY_TOML  # the tiny GPT on random tokens every trainer-level test uses
+from .test_resume import _assert_same
+
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (the hf extra)")
 
 TINY_GPT = {"vocab_size": 256, "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 32}
@@ -25,26 +28,6 @@ ADAPTERS = [  # "proj" is a suffix: both the attention's and the MLP's output pr
     f"blocks.0.{layer}.lora_{ab}.default" for layer in ("attn.qkv", "attn.proj", "mlp.proj") for ab in "AB"
 ]
 LORA = '{ r = 4, alpha = 8, targets = ["qkv", "proj"] }'
-TINY_TOML = """\
-[model]
-name = "gpt"
-vocab_size = 256
-block_size = 16
-n_layer = 1
-n_head = 2
-d_model = 32
-
-[data]
-name = "synthetic"
-batch_size = 4
-seq_len = 16
-
-[train]
-algorithm = "dreamddp"
-period = 2
-timing_warmup = 0
-progress = false
-"""
 
 
 def _gpt() -> torch.nn.Module:
@@ -196,21 +179,6 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
 def _final_state(directory: Path) -> dict:
     step_dir = directory / "ckpt" / (directory / "ckpt" / "latest").read_text().strip()
     return torch.load(step_dir / "rank-00000.pt", weights_only=True)
-
-
-def _assert_same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.slow
