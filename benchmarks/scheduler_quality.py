@@ -4,21 +4,32 @@
    often and by how much ``paper_dfs``, ``contiguous_optimal`` and ``plan`` miss the brute-force
    optimum — small instances (2-7 units; ``plan`` is exact there) and larger ones (11-13 units,
    where ``plan`` switches to local search).
-2. Speed: ``plan`` on 500 units with period 32 (target: under 1 s).
+2. Scale: 500 / 1,000 / 2,000 units at H 16 and 32 (random unit sizes, a 100 Mbit/s link with
+   20 ms latency per all-reduce, 1 s of backward: the regime where the search matters):
+   ``plan`` with fill-in, its time (target: under 2 s on 2,000 units at H 32) and exposed time,
+   against the contiguous optimum, the certified lower bound, and the time-budgeted local search
+   that ``plan`` used before (``--baseline REV``: that revision of the repository, run in a
+   subprocess, at 0.5 s and ``--baseline-budget`` seconds).
 
-    python benchmarks/scheduler_quality.py [--trials 300] [--seed 0]
+    python benchmarks/scheduler_quality.py [--trials 300] [--seed 0] [--baseline 06f0770 --baseline-budget 60]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 from dreamddp import plan
-from dreamddp.planning import brute_force, contiguous_optimal, paper_dfs, total_exposed
+from dreamddp.planning import brute_force, contiguous_optimal, fill_in, paper_dfs, total_exposed
 from profiler import CommModel, Profile
 
 OUT = Path(__file__).resolve().parent / "results" / "scheduler.md"
@@ -62,20 +73,90 @@ def quality(rng: random.Random, trials: int, sizes: tuple[int, int], coalesced: 
     return row
 
 
-def speed(rng: random.Random) -> float:
-    n = 500
-    p = Profile.synthetic(
-        [rng.random() * 1e-3 for _ in range(n)], [0.0] * n, nbytes=[rng.randint(1_000, 400_000) for _ in range(n)]
-    ).with_comm(CommModel(0.002, 8e-9))
-    start = time.perf_counter()
-    plan(p, 32)
-    return time.perf_counter() - start
+SCALE = ((500, 16), (500, 32), (1000, 16), (1000, 32), (2000, 16), (2000, 32))
+ROOT = Path(__file__).resolve().parent.parent
+# Run in the baseline's own tree: plan without fill-in (the search alone) and price it.
+BASELINE_SNIPPET = """
+import json, sys, time
+from dreamddp.planning import plan, total_exposed
+from dreamddp.planning.profile import Profile
+p = Profile.from_json(sys.argv[1])
+start = time.perf_counter()
+s = plan(p, int(sys.argv[2]), fill=False, time_budget_s=float(sys.argv[3]))
+print(json.dumps({"seconds": time.perf_counter() - start, "exposed": total_exposed(p, s)}))
+"""
+
+
+def scale_profile(n: int, seed: int) -> Profile:
+    rng = random.Random(seed)
+    nbytes = [rng.randint(1_000, 400_000) for _ in range(n)]
+    backward = [rng.random() for _ in range(n)]
+    total = sum(backward)
+    return Profile.synthetic([b / total for b in backward], [0.0] * n, nbytes=nbytes).with_comm(
+        CommModel(0.02, 8 / 100e6)
+    )
+
+
+def baseline_tree(rev: str, into: Path) -> Path:
+    """The repository at ``rev`` (its dreamddp and profiler packages), extracted under ``into``."""
+    archive = into / "baseline.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), rev, "dreamddp", "profiler"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def run_baseline(tree: Path, profile_path: Path, period: int, budget_s: float) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE_SNIPPET, str(profile_path), str(period), str(budget_s)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tree,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scale_rows(seed: int, baseline: str | None, budget_s: float) -> list[str]:
+    header = "| units | H | plan s (fill-in incl.) | exposed s/period | contiguous | lower bound | gap to bound |"
+    rule = "|---|---|---|---|---|---|---|"
+    if baseline:
+        header += f" before ({baseline}) 0.5 s | before {budget_s:g} s |"
+        rule += "---|---|"
+    lines = [header, rule]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = baseline_tree(baseline, Path(tmp)) if baseline else None
+        for n, period in SCALE:
+            p = scale_profile(n, seed + n)
+            start = time.perf_counter()
+            planned = plan(p, period)  # what a user gets: search + fill-in
+            seconds = time.perf_counter() - start
+            search_only = plan(p, period, fill=False)
+            exposed = total_exposed(p, search_only)
+            assert total_exposed(p, fill_in(search_only, p)) <= exposed + 1e-9
+            bound = search_only.metadata["lower_bound_exposed_s"]
+            contiguous = total_exposed(p, contiguous_optimal(p, period))
+            gap = f"{exposed / bound:.2f}x" if bound > 0 else "-"
+            row = f"| {n} | {period} | {seconds:.2f} | {exposed:.3f} | {contiguous:.3f} | {bound:.3f} | {gap} |"
+            if tree is not None:
+                path = Path(tmp) / f"profile-{n}.json"
+                p.to_json(path)
+                quick, long = (run_baseline(tree, path, period, b)["exposed"] for b in (0.5, budget_s))
+                row += f" {quick:.3f} | {long:.3f} |"
+            lines.append(row)
+            print(row, flush=True)
+            del planned
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", help="a git revision whose plan (time-budgeted local search) to compare with")
+    parser.add_argument("--baseline-budget", type=float, default=60.0, help="the baseline's longer budget, seconds")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     lines = [f"Random instances, {args.trials} per row (seed {args.seed}); misses are (found - optimum) / found.", ""]
@@ -87,9 +168,8 @@ def main() -> None:
             lines.append(f"**{sizes[0]}-{sizes[1]} units, period 2-4, {model}, {trials} instances**")
             lines += [f"- {name}: {text}" for name, text in row.items()] + [""]
             print("\n".join(lines[-6:]), flush=True)
-    seconds = speed(rng)
-    lines.append(f"`plan` on 500 units, period 32, fill-in included: {seconds:.2f} s")
-    print(lines[-1])
+    lines += ["", "**Scale** (100 Mbit/s, 20 ms per all-reduce, 1 s backward; exposed s per period, search alone)", ""]
+    lines += scale_rows(args.seed, args.baseline, args.baseline_budget)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
     print(f"\nwritten to {OUT}")

@@ -17,7 +17,7 @@ from dreamddp.planning.search import (
     with_delays,
 )
 from dreamddp.planning.simulate import Timeline, check_overlap, simulate, simulate_method
-from dreamddp.validation import non_negative_int
+from dreamddp.validation import non_negative_int, positive_int
 
 __all__ = [
     "METHODS",
@@ -45,7 +45,7 @@ def plan(
     period: int,
     method: str = "dreamddp",
     fill: bool = True,
-    time_budget_s: float = 0.5,
+    simulations: int | None = None,
     overlap: str = "backward",
     max_delay: int = 0,
 ) -> Schedule:
@@ -60,21 +60,25 @@ def plan(
     (``best_forward``); the other methods keep their schedules, which are then simulated and
     filled in under that model. ``max_delay`` (forward only) lets units' averages land up to
     that many iterations later where that saves time, at the cost of a parameter snapshot.
+    ``simulations`` caps the forward-overlap searches (default: a fixed amount of work,
+    ``forward_simulations``). Every search is deterministic: the same profile, the same schedule.
     """
     if not isinstance(profile, Profile):
         raise TypeError(f"plan() needs a profiler.Profile, got {type(profile).__name__}")
     check_overlap(overlap)
     non_negative_int("max_delay", max_delay)
+    if simulations is not None:
+        positive_int("simulations", simulations)
     if max_delay and overlap != "forward":
         raise ValueError(
             f"max_delay={max_delay} needs overlap='forward': with backward overlap every average "
             "is waited for before the step"
         )
     if overlap == "forward" and method == "dreamddp":
-        schedule = best_forward(profile, period, max_delay, time_budget_s)
-        return fill_in(schedule, profile) if fill else schedule
+        schedule = best_forward(profile, period, max_delay, simulations)
+        return fill_in(schedule, profile, simulations=simulations) if fill else schedule
     if method == "dreamddp":
-        schedule = best(profile, period, time_budget_s)
+        schedule = best(profile, period)
     elif method == "contiguous":
         schedule = contiguous_optimal(profile, period)
     elif method == "paper":
@@ -86,7 +90,7 @@ def plan(
     else:
         raise ValueError(f"unknown planning method {method!r}; choose one of: {', '.join(METHODS)}")
     if overlap == "forward":
-        schedule = with_delays(schedule, profile, max_delay)
+        schedule = with_delays(schedule, profile, max_delay, simulations=simulations)
     if fill and method in ("dreamddp", "contiguous", "paper"):
         schedule = fill_in(schedule, profile)
     return schedule

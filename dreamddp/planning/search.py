@@ -10,10 +10,12 @@ interchangeable: a schedule is a partition of the units into at most H groups.
   dynamic programming, O(H L^2) with numpy;
 - ``brute_force``: the best partition of any shape, exactly, by dynamic programming over
   subsets, O(H 3^L) — ground truth for small L;
-- ``best``: what ``plan`` uses — exact (the subset DP) while L is small, otherwise local
-  search (moves and swaps) seeded with the contiguous optimum, within a time budget. Never
-  worse than ``contiguous_optimal``.
-- ``fill_in``: extra syncs of units already covered, in iterations where they cost nothing.
+- ``best``: what ``plan`` uses — exact (the subset DP) while L is small, otherwise the
+  interleaved-runs search (``dreamddp.planning.interleave``: a backward greedy at a ladder of
+  budgets, polished by run-boundary moves) seeded with the contiguous optimum. Deterministic,
+  never worse than ``contiguous_optimal``, with a certified lower bound in its metadata.
+- ``fill_in``: extra syncs of units already covered, in iterations where they cost nothing
+  (``dreamddp.planning.fill``: one sweep per iteration).
 
 Forward overlap (``simulate(..., overlap="forward")``) breaks the independence of iterations:
 an all-reduce may spill into the next iteration's channel time and forward, so the order of
@@ -24,7 +26,7 @@ simulating it (``ForwardEngine``). For that model:
   exhaustive (up to rotating the period, which changes nothing in the steady state) while
   H^(L-1) <= ``EXACT_FORWARD_EVALS``, otherwise the best of the backward-mode schedules
   (best, contiguous, equal bytes) under every order of their groups (a sample when H > 6),
-  then first-improvement moves and swaps within a time budget. With ``max_delay`` > 0 every
+  then first-improvement moves and swaps, for at most ``forward_simulations`` simulations. With ``max_delay`` > 0 every
   unit gets the longest delay allowed (time never grows with a delay) and then each delay is
   cut back, biggest units first, as far as it costs no time: only delays that buy time keep
   their snapshot memory;
@@ -37,12 +39,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from dreamddp.core.schedule import Schedule
+from dreamddp.planning import interleave
+from dreamddp.planning.fill import fill_groups
+from dreamddp.planning.interleave import exposure_lower_bound
 from dreamddp.planning.profile import Profile
 from dreamddp.planning.simulate import CostModel, ForwardEngine, ForwardRun, Message, _lower_bound, check_overlap
 from dreamddp.validation import non_negative_int, positive_int, require
@@ -57,6 +61,8 @@ __all__ = [
     "contiguous_optimal",
     "equal_bytes",
     "fill_in",
+    "forward_simulations",
+    "interleaved",
     "paper_dfs",
     "total_exposed",
     "with_delays",
@@ -65,6 +71,16 @@ __all__ = [
 EXACT_MAX_UNITS = 10  # subset DP up to here (H * 3^10 ~ 0.2 M steps); local search beyond
 MAX_PLAN_PERIOD = 256  # longest period the searches plan (the paper DFS recurses two frames per iteration of H)
 EXACT_FORWARD_EVALS = 2048  # exhaustive forward search up to this many simulations (~0.1-0.3 s)
+FORWARD_WORK = 500_000  # forward searches: simulations x units x period allowed (~0.5 s here)
+MIN_FORWARD_SIMULATIONS = 50
+
+
+def forward_simulations(units: int, period: int) -> int:
+    """How many simulations a forward-overlap search may run: a fixed amount of work, so that a
+    plan takes about as long on a big model as on a small one and never depends on the clock."""
+    return max(MIN_FORWARD_SIMULATIONS, FORWARD_WORK // max(1, units * period))
+
+
 _EPS = 1e-12
 
 
@@ -108,50 +124,85 @@ def total_exposed(profile: Profile, schedule: Schedule) -> float:
     return sum(inst.cost([index[n] for n in schedule.units_at(h)]) for h in range(schedule.period))
 
 
+class _BlockCosts:
+    """Exposed time of syncing each contiguous block [i, j) alone, one column j at a time.
+
+    All blocks ending at j are priced together (numpy over the start i), carrying each start's
+    channel state from column to column: O(L) vector steps instead of O(L^2) Python ones.
+    Coalesced: a block is one run of buckets; extending it grows the open bucket (which then
+    starts when its new last unit is ready) or, past the cap, opens one. The packing rule is
+    plan_buckets' (dreamddp.core.buckets); tests/test_buckets.py checks the two agree.
+    """
+
+    def __init__(self, inst: _Instance) -> None:
+        self.model = inst.model
+        self.comm = inst.profile.comm
+        n = inst.n
+        self.free = np.zeros(n)  # per start i: the channel's free time before the open bucket
+        self.size = np.zeros(n)  # per start i: the open bucket's bytes
+
+    def column(self, j: int) -> np.ndarray:
+        """cost[0..j, j + 1]: the blocks [i, j + 1) for every start i <= j (call for j = 0, 1, ...)."""
+        model, rows = self.model, slice(0, j + 1)
+        free, size = self.free[rows], self.size[rows]  # views; start j begins empty
+        free[j] = size[j] = 0.0
+        if self.comm is None:  # per-unit messages
+            free[:] = np.maximum(model.ready[j], free) + model.comm[j]
+            return np.maximum(0.0, free - model.end)
+        alpha, beta = self.comm.alpha_s, self.comm.beta_s_per_byte
+        overflow = size + model.nbytes[j] > model.cap
+        overflow[j] = False  # a block's first unit opens its first bucket
+        if overflow.any():
+            free[overflow] = np.maximum(model.ready[j - 1], free[overflow]) + alpha + beta * size[overflow]
+            size[overflow] = 0.0
+        size += model.nbytes[j]
+        return np.maximum(0.0, np.maximum(model.ready[j], free) + alpha + beta * size - model.end)
+
+
 def _cost_matrix(inst: _Instance) -> np.ndarray:
     """cost[i, j] = exposed time of syncing the contiguous block [i, j) alone (inf below i)."""
     n = inst.n
     cost = np.full((n + 1, n + 1), np.inf)
-    for i in range(n + 1):
-        cost[i, i] = 0.0
-        comm = inst.profile.comm
-        if comm is not None:
-            # Coalesced: a block is one run of buckets. Extending it grows the open bucket
-            # (which then starts when its new last unit is ready) or, past the cap, opens one.
-            # The packing rule is plan_buckets' (dreamddp.core.buckets), kept incremental here
-            # for speed; tests/test_buckets.py checks the two agree.
-            model = inst.model
-            free_before, size = 0.0, 0
-            for j in range(i, n):
-                if j > i and size + model.nbytes[j] > model.cap:
-                    free_before = max(model.ready[j - 1], free_before) + comm.predict(size)
-                    size = 0
-                size += model.nbytes[j]
-                end = max(model.ready[j], free_before) + comm.predict(size)
-                cost[i, j + 1] = max(0.0, end - model.end)
-            continue
-        free = 0.0  # per-unit messages: extend the block one unit at a time
-        for j in range(i, n):
-            free = max(inst.model.ready[j], free) + inst.model.comm[j]
-            cost[i, j + 1] = max(0.0, free - inst.model.end)
+    np.fill_diagonal(cost, 0.0)
+    blocks = _BlockCosts(inst)
+    for j in range(n):
+        cost[: j + 1, j + 1] = blocks.column(j)
     return cost
 
 
+_DP_CHUNK = 256  # columns of block costs held at once: memory O(L * chunk), not O(L^2)
+
+
 def contiguous_optimal(profile: Profile, period: int) -> Schedule:
-    """Best schedule whose groups are contiguous blocks in backward order (the paper's space)."""
+    """Best schedule whose groups are contiguous blocks in backward order (the paper's space).
+
+    Dynamic programming over (blocks used, units covered), O(H L^2) with numpy, column chunk by
+    column chunk; each layer keeps its argmin for the way back.
+    """
     inst = _Instance(profile, period)
-    cost = _cost_matrix(inst)
-    n = inst.n
-    best = cost[0].copy()  # one block: [0, j)
-    choice = [np.zeros(n + 1, dtype=np.int64)]
-    for _ in range(1, period):
-        candidates = best[:, None] + cost  # [i, j]: best with i units, then block [i, j)
-        arg = np.argmin(candidates, axis=0)
-        best = candidates[arg, np.arange(n + 1)]
-        choice.append(arg)
+    n, layers = inst.n, min(period, max(inst.n, 1))
+    best = np.full((layers, n + 1), np.inf)  # best[k, j]: units [0, j) in at most k + 1 blocks
+    best[:, 0] = 0.0
+    choice = np.zeros((layers, n + 1), dtype=np.int64)
+    blocks = _BlockCosts(inst)
+    for j0 in range(0, n, _DP_CHUNK):
+        j1 = min(n, j0 + _DP_CHUNK)
+        chunk = np.full((j1 - j0, j1 + 1), np.inf)  # chunk[c, i] = cost of block [i, j0 + c + 1)
+        for c, j in enumerate(range(j0, j1)):
+            chunk[c, : j + 1] = blocks.column(j)
+            chunk[c, j + 1] = 0.0  # an empty last block: fewer blocks than layers
+        best[0, j0 + 1 : j1 + 1] = chunk[:, 0]
+        rows = np.arange(j1 - j0)
+        for k in range(1, layers):
+            # Ends j0+1..j1 need starts up to j1 of the previous layer, which its pass over this
+            # chunk has just filled in; starts past an end cost inf.
+            candidates = chunk + best[k - 1, : j1 + 1]
+            arg = np.argmin(candidates, axis=1)
+            best[k, j0 + 1 : j1 + 1] = candidates[rows, arg]
+            choice[k, j0 + 1 : j1 + 1] = arg
     groups, j = [], n
-    for k in range(period - 1, 0, -1):
-        i = int(choice[k][j])
+    for k in range(layers - 1, 0, -1):
+        i = int(choice[k, j])
         groups.append(list(range(i, j)))
         j = i
     groups.append(list(range(0, j)))
@@ -238,90 +289,58 @@ def _subset_dp(inst: _Instance) -> list[list[int]]:
     return groups
 
 
-def best(profile: Profile, period: int, time_budget_s: float = 0.5) -> Schedule:
-    """Exact for small models; local search from the contiguous optimum otherwise."""
+def best(profile: Profile, period: int) -> Schedule:
+    """Exact for small models; otherwise the interleaved-runs search, seeded with the contiguous optimum.
+
+    Deterministic (no time budget: the same profile gives the same schedule), never worse than
+    ``contiguous_optimal``; the metadata carries the certified lower bound on the exposed time.
+    """
     inst = _Instance(profile, period)
     if inst.n <= EXACT_MAX_UNITS:
-        return inst.schedule(_subset_dp(inst), "dreamddp")
-    seed = contiguous_optimal(profile, period)
-    index = {n: i for i, n in enumerate(inst.names)}
-    groups = [[index[n] for n in seed.units_at(h)] for h in range(period)]
-    return inst.schedule(_local_search(inst, groups, time.perf_counter() + time_budget_s), "dreamddp")
+        schedule = inst.schedule(_subset_dp(inst), "dreamddp")
+        return _with_bound(schedule, exposure_lower_bound(inst.model, period), "exact")
+    return interleaved(profile, period)
 
 
-def _local_search(inst: _Instance, groups: list[list[int]], deadline: float) -> list[list[int]]:
-    """First-improvement moves (one unit to another iteration) and swaps, until none helps."""
-    groups = [sorted(g) for g in groups]
-    costs = [inst.cost(g) for g in groups]
-    improved = True
-    while improved and time.perf_counter() < deadline:
-        improved = False
-        # Units from the most exposed iterations first: that is where moves pay.
-        for h in sorted(range(inst.period), key=lambda k: -costs[k]):
-            if costs[h] <= _EPS:
-                continue
-            for i in list(groups[h]):
-                if time.perf_counter() >= deadline:
-                    return groups
-                without = [u for u in groups[h] if u != i]
-                cost_without = inst.cost(without)
-                for k in range(inst.period):
-                    if k == h:
-                        continue
-                    with_i = sorted(groups[k] + [i])
-                    cost_with = inst.cost(with_i)
-                    if cost_without + cost_with < costs[h] + costs[k] - _EPS:
-                        groups[h], groups[k] = without, with_i
-                        costs[h], costs[k] = cost_without, cost_with
-                        improved = True
-                        break
-                    for j in groups[k]:  # swap i and j
-                        h_new = sorted(without + [j])
-                        k_new = sorted([u for u in groups[k] if u != j] + [i])
-                        ch, ck = inst.cost(h_new), inst.cost(k_new)
-                        if ch + ck < costs[h] + costs[k] - _EPS:
-                            groups[h], groups[k], costs[h], costs[k] = h_new, k_new, ch, ck
-                            improved = True
-                            break
-                    if improved:
-                        break
-                if improved:
-                    break
-            if improved:
-                break
-    return groups
+def interleaved(profile: Profile, period: int) -> Schedule:
+    """The search ``best`` uses beyond ``EXACT_MAX_UNITS`` units (any size; tests run it on small ones)."""
+    inst = _Instance(profile, period)
+    seed = _phases_of(contiguous_optimal(profile, period), inst.names)
+    groups, _ = interleave.search(inst, seeds=[seed])
+    return _with_bound(inst.schedule(groups, "dreamddp"), exposure_lower_bound(inst.model, period), "interleaved")
 
 
-def fill_in(schedule: Schedule, profile: Profile, overlap: str | None = None, time_budget_s: float = 0.5) -> Schedule:
+def _with_bound(schedule: Schedule, bound: float, search: str) -> Schedule:
+    metadata = {**schedule.metadata, "search": search, "lower_bound_exposed_s": bound}
+    return dataclasses.replace(schedule, metadata=metadata)
+
+
+def fill_in(
+    schedule: Schedule, profile: Profile, overlap: str | None = None, simulations: int | None = None
+) -> Schedule:
     """Add extra syncs of units where they cost no time: the link was idle anyway.
 
     Backward overlap: for each iteration, units not yet synchronised there are tried in
     backward order and kept when that iteration's exposed time does not grow. Forward overlap
     (the schedule's own mode by default): kept when the steady-state period time does not
     grow; a delayed unit gets an extra sync only where its delay stays shorter than its gaps.
-    Each forward trial is a simulation, so that pass stops after ``time_budget_s``.
+    Each forward trial is a simulation, so that pass stops after ``simulations`` of them
+    (default: ``forward_simulations``).
     """
     overlap = check_overlap(schedule.overlap if overlap is None else overlap)
     schedule.check_units(profile.names)
     if overlap == "forward":
-        return _fill_in_forward(schedule, profile, time.perf_counter() + time_budget_s)
+        return _fill_in_forward(schedule, profile, simulations)
     if schedule.delays:
         raise ValueError(
             "fill_in: this schedule has delays, which only forward overlap can price; fill it in with overlap='forward'"
         )
     inst = _Instance(profile, schedule.period)
-    index = {n: i for i, n in enumerate(inst.names)}
-    assignment = {n: list(schedule.iterations_of(n)) for n in inst.names}
-    for h in range(schedule.period):
-        members = sorted(index[n] for n in schedule.units_at(h))
-        base = inst.cost(members)
-        for i in range(inst.n):
-            if i in members:
-                continue
-            trial = sorted(members + [i])
-            if inst.cost(trial) <= base + _EPS:
-                members = trial
-                assignment[inst.names[i]].append(h)
+    filled = fill_groups(interleave.FastCost(inst.model), _phases_of(schedule, inst.names), inst.n)
+    assignment: dict[str, list[int]] = {n: [] for n in inst.names}
+    for h, group in enumerate(filled):
+        for i in group:
+            assignment[inst.names[i]].append(h)
     return _filled(schedule, assignment)
 
 
@@ -414,20 +433,21 @@ def _max_delays(schedule_groups: Sequence[Sequence[int]], n: int, period: int, m
 
 
 def _prune_delays(
-    inst: _ForwardInstance, groups: Sequence[tuple[int, ...]], delays: list[int], deadline: float = float("inf")
+    inst: _ForwardInstance, groups: Sequence[tuple[int, ...]], delays: list[int], limit: float = float("inf")
 ) -> list[int]:
     """Cut each delay back (biggest units first) as far as the period time stays the same.
 
     A unit whose bucket ends by the end of its backward needs no delay at all (dropping it
     changes nothing in the timeline): those go first, with no simulation. For the others the
     shortest delay that keeps the time is found by bisection, since time never grows with a
-    delay. Past ``deadline`` the remaining delays stay as they are: time-optimal, more memory.
+    delay. Once ``inst`` has run ``limit`` simulations the remaining delays stay as they are:
+    time-optimal, more memory.
     """
     run = inst.run(groups, delays)
     target = run.period_s
     delays = [0 if run.overrun.get(u, 0.0) <= 0.0 else d for u, d in enumerate(delays)]
     for u in sorted((k for k in range(inst.n) if delays[k]), key=lambda k: (-inst.model.nbytes[k], k)):
-        if time.perf_counter() > deadline:
+        if inst.evaluations >= limit:
             break
         lo, hi = 0, delays[u]  # hi keeps the time; find the least such delay in [lo, hi]
         while lo < hi:
@@ -445,15 +465,17 @@ def _check_max_delay(max_delay: int) -> None:
 
 
 def best_forward(
-    profile: Profile, period: int, max_delay: int = 0, time_budget_s: float = 0.5, bucket_cap_mb: float = 25.0
+    profile: Profile, period: int, max_delay: int = 0, simulations: int | None = None, bucket_cap_mb: float = 25.0
 ) -> Schedule:
     """The schedule (each unit once per period) with the least steady-state time under forward
-    overlap; delays up to ``max_delay`` iterations where they save time."""
+    overlap; delays up to ``max_delay`` iterations where they save time.
+
+    At most ``simulations`` simulations (default: ``forward_simulations``): a count, not a
+    clock, so the same profile always gives the same schedule."""
     _check_max_delay(max_delay)
     inst = _ForwardInstance(profile, period, bucket_cap_mb)
-    start = time.perf_counter()
-    deadline = start + time_budget_s  # with delays, 30% of the budget is kept for choosing them
-    search_deadline = start + (0.7 if max_delay else 1.0) * time_budget_s
+    limit = forward_simulations(inst.n, period) if simulations is None else positive_int("simulations", simulations)
+    search_limit = int((0.7 if max_delay else 1.0) * limit)  # with delays, 30% is kept for choosing them
     n, H = inst.n, period
     delays = [min(max_delay, H - 1)] * n
     if H ** (n - 1) <= EXACT_FORWARD_EVALS:
@@ -466,18 +488,18 @@ def best_forward(
                 best_value, best_phases = value, list(phases)
     else:
         search = "local"
-        best_phases, best_value = _forward_seed(inst, delays, search_deadline)
-        best_phases, best_value = _forward_local_search(inst, best_phases, delays, best_value, search_deadline)
+        best_phases, best_value = _forward_seed(inst, delays, search_limit)
+        best_phases, best_value = _forward_local_search(inst, best_phases, delays, best_value, search_limit)
     if max_delay:
-        delays = _prune_delays(inst, inst.groups_of(best_phases), delays, deadline)
-        best_phases, delays = _fewer_snapshots(inst, best_phases, delays, best_value, deadline)
+        delays = _prune_delays(inst, inst.groups_of(best_phases), delays, limit)
+        best_phases, delays = _fewer_snapshots(inst, best_phases, delays, best_value, limit)
     return inst.schedule(
         inst.groups_of(best_phases), delays, "dreamddp", {"search": search, "simulations": inst.evaluations}
     )
 
 
 def _fewer_snapshots(
-    inst: _ForwardInstance, phases: list[int], delays: list[int], target: float, deadline: float
+    inst: _ForwardInstance, phases: list[int], delays: list[int], target: float, limit: int
 ) -> tuple[list[int], list[int]]:
     """Give delayed units (biggest first) a shorter delay, in any iteration, where that costs no time.
 
@@ -489,7 +511,7 @@ def _fewer_snapshots(
         improved = False
         for u in sorted((k for k in range(inst.n) if delays[k]), key=lambda k: (-inst.model.nbytes[k], k)):
             for h in [phases[u]] + [k for k in range(inst.period) if k != phases[u]]:
-                if time.perf_counter() > deadline:
+                if inst.evaluations >= limit:
                     return phases, delays
                 trial_phases = phases[:u] + [h] + phases[u + 1 :]
                 groups = inst.groups_of(trial_phases)
@@ -512,11 +534,10 @@ def _phases_of(schedule: Schedule, names: Sequence[str]) -> list[list[int]]:
     return [[index[n] for n in schedule.units_at(h)] for h in range(schedule.period)]
 
 
-def _forward_seed(inst: _ForwardInstance, delays: Sequence[int], deadline: float) -> tuple[list[int], float]:
+def _forward_seed(inst: _ForwardInstance, delays: Sequence[int], limit: int) -> tuple[list[int], float]:
     """The best backward-mode partitions, each under the orders of its groups that matter here."""
-    budget = max(0.0, deadline - time.perf_counter()) / 4
     seeds = [
-        best(inst.profile, inst.period, budget),
+        best(inst.profile, inst.period),
         contiguous_optimal(inst.profile, inst.period),
         equal_bytes(inst.profile, inst.period),
     ]
@@ -536,13 +557,13 @@ def _forward_seed(inst: _ForwardInstance, delays: Sequence[int], deadline: float
             value = inst.time(inst.groups_of(phases), delays)
             if value < best_value - inst.tol:
                 best_value, best_phases = value, phases
-            if time.perf_counter() > deadline:
+            if inst.evaluations >= limit:
                 return best_phases, best_value
     return best_phases, best_value
 
 
 def _forward_local_search(
-    inst: _ForwardInstance, phases: list[int], delays: Sequence[int], value: float, deadline: float
+    inst: _ForwardInstance, phases: list[int], delays: Sequence[int], value: float, limit: int
 ) -> tuple[list[int], float]:
     """First-improvement moves (a unit to another iteration) and swaps until none helps."""
     n, H = inst.n, inst.period
@@ -553,7 +574,7 @@ def _forward_local_search(
             for h in range(H):
                 if h == phases[u]:
                     continue
-                if time.perf_counter() > deadline:
+                if inst.evaluations >= limit:
                     return phases, value
                 trial = phases[:u] + [h] + phases[u + 1 :]
                 t = inst.time(inst.groups_of(trial), delays)
@@ -563,7 +584,7 @@ def _forward_local_search(
             for v in range(u + 1, n):
                 if phases[u] == phases[v]:
                     continue
-                if time.perf_counter() > deadline:
+                if inst.evaluations >= limit:
                     return phases, value
                 trial = list(phases)
                 trial[u], trial[v] = phases[v], phases[u]
@@ -595,7 +616,7 @@ def brute_force_forward(profile: Profile, period: int, max_delay: int = 0, max_e
 
 
 def with_delays(
-    schedule: Schedule, profile: Profile, max_delay: int, bucket_cap_mb: float = 25.0, time_budget_s: float = 0.5
+    schedule: Schedule, profile: Profile, max_delay: int, bucket_cap_mb: float = 25.0, simulations: int | None = None
 ) -> Schedule:
     """``schedule`` under forward overlap, with the delays (up to ``max_delay``) that save time.
 
@@ -608,12 +629,14 @@ def with_delays(
     groups = [tuple(g) for g in _phases_of(schedule, inst.names)]
     delays = _max_delays(groups, inst.n, schedule.period, max_delay)
     if max_delay:
-        delays = _prune_delays(inst, groups, delays, time.perf_counter() + time_budget_s)
+        limit = forward_simulations(inst.n, schedule.period) if simulations is None else simulations
+        delays = _prune_delays(inst, groups, delays, limit)
     return inst.schedule(groups, delays, str(schedule.metadata.get("method", "schedule")), dict(schedule.metadata))
 
 
-def _fill_in_forward(schedule: Schedule, profile: Profile, deadline: float) -> Schedule:
+def _fill_in_forward(schedule: Schedule, profile: Profile, simulations: int | None) -> Schedule:
     inst = _ForwardInstance(profile, schedule.period)
+    limit = forward_simulations(inst.n, schedule.period) if simulations is None else simulations
     groups = [set(g) for g in _phases_of(schedule, inst.names)]
     delays = [schedule.delay_of(n) for n in inst.names]
 
@@ -625,7 +648,7 @@ def _fill_in_forward(schedule: Schedule, profile: Profile, deadline: float) -> S
         for u in range(inst.n):
             if u in groups[h]:
                 continue
-            if time.perf_counter() > deadline:
+            if inst.evaluations >= limit:
                 break
             groups[h].add(u)
             allowed = _max_delays(frozen(), inst.n, schedule.period, delays[u])[u] >= delays[u]
