@@ -104,3 +104,26 @@ def test_fill_in_at_scale_never_raises_an_iterations_exposed_time():
         assert after <= before + 1e-12
     assert filled.metadata["extra_syncs"] > 0
 
+
+def test_plan_cli_table_prices_the_schedule_it_writes(tmp_path, capsys, monkeypatch):
+    from dreamddp.core.schedule import Schedule
+    from dreamddp.planning import cli, simulate
+
+    profile = random_profile(40, seed=4, rate_bps=200e6)
+    src, out = tmp_path / "p.json", tmp_path / "s.json"
+    profile.to_json(src)
+    searches = []
+    real_plan = cli.plan
+
+    def counting_plan(*args, **kwargs):
+        searches.append(
+            (args[2] if len(args) > 2 else kwargs.get("method", "dreamddp"), kwargs.get("overlap", "backward"))
+        )
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "plan", counting_plan)
+    assert cli.main(["--profile", str(src), "--period", "4", "--out", str(out)]) == 0
+    assert searches.count(("dreamddp", "backward")) == 1  # the table did not plan the written schedule again
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dreamddp + fill-in"))
+    printed = float(row.split()[3])
+    assert printed == pytest.approx(simulate(profile, Schedule.from_json(out)).iteration_s, abs=5e-5)

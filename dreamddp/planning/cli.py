@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dreamddp.core.schedule import Schedule
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.ops.outputs import check_writable
 from dreamddp.planning import METHODS, fill_in, plan, simulate, simulate_method
@@ -31,6 +32,7 @@ from dreamddp.validation import non_negative_int
 __all__ = ["Prediction", "main", "predictions", "reprice"]
 
 AUTO_LIMIT = 64
+FILLED_METHODS = ("dreamddp", "contiguous", "paper")  # the methods plan() fills in (not plsgd, local_sgd)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,22 +75,28 @@ class Prediction:
     forward_s: float | None  # with forward overlap
 
 
-def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Prediction]:
+def predictions(
+    profile: Profile, period: int, max_delay: int = 0, planned: dict[str, Schedule] | None = None
+) -> list[Prediction]:
     """Predicted seconds per iteration of each method at this period, S-SGD first and the lower
     bound last.
 
     plsgd and the paper's schedule are the same schedule in both columns; dreamddp is planned
     for each mode. The baselines as trained always block, so they have no forward figure.
+    ``planned`` maps an overlap mode to a DreamDDP schedule already planned for it (without
+    fill-in; under "delayed", as written): its rows are that schedule and its fill-in, so that the
+    table shows what was written.
     """
 
-    def both(schedule) -> tuple[float, float]:
+    def both(schedule: Schedule) -> tuple[float, float]:
         return (
             simulate(profile, schedule, overlap="backward").iteration_s,
             simulate(profile, schedule, overlap="forward").iteration_s,
         )
 
-    backward = plan(profile, period, fill=False)
-    forward = plan(profile, period, fill=False, overlap="forward")
+    known = planned or {}
+    backward = known.get("backward") or plan(profile, period, fill=False)
+    forward = known.get("forward") or plan(profile, period, fill=False, overlap="forward")
     rows = [
         Prediction("ssgd (torch DDP)", simulate_method(profile, "ssgd", 1).iteration_s, None),
         Prediction("local_sgd", simulate_method(profile, "local_sgd", period).iteration_s, None),
@@ -104,7 +112,7 @@ def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Predi
         ),
     ]
     if max_delay:
-        delayed = plan(profile, period, fill=False, overlap="forward", max_delay=max_delay)
+        delayed = known.get("delayed") or plan(profile, period, overlap="forward", max_delay=max_delay)
         rows.append(Prediction(f"dreamddp, delays <= {max_delay}", None, simulate(profile, delayed).iteration_s))
     lower = simulate(profile, backward).lower_bound_s / period
     return [*rows, Prediction("lower bound", lower, lower)]
@@ -112,9 +120,7 @@ def predictions(profile: Profile, period: int, max_delay: int = 0) -> list[Predi
 
 def auto_period(profile: Profile, overlap: str = "backward", max_delay: int = 0) -> int:
     for period in range(1, AUTO_LIMIT + 1):
-        t = simulate(
-            profile, plan(profile, period, fill=False, time_budget_s=0.1, overlap=overlap, max_delay=max_delay)
-        )
+        t = simulate(profile, plan(profile, period, fill=False, overlap=overlap, max_delay=max_delay))
         if t.iteration_s <= 1.05 * t.lower_bound_s / period:
             return period
     return AUTO_LIMIT
@@ -149,9 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 period = int(args.period)
             except ValueError:
                 raise ValueError(f"--period must be an integer >= 1 or 'auto', got {args.period!r}") from None
-        schedule = plan(
-            profile, period, args.method, fill=not args.no_fill, overlap=args.overlap, max_delay=args.max_delay
-        )
+        # One search: the written schedule is this one (filled in unless --no-fill), and the
+        # table's DreamDDP rows are priced from it, not from separate plan calls.
+        base = plan(profile, period, args.method, fill=False, overlap=args.overlap, max_delay=args.max_delay)
+        schedule = base if args.no_fill or args.method not in FILLED_METHODS else fill_in(base, profile)
         world = profile.metadata.get("world_size")
         if isinstance(world, int) and "world_size" not in schedule.metadata:
             # The trainer refuses a schedule planned for another world size; it can only if this is recorded.
@@ -160,7 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dreamddp plan: error: {err}", file=sys.stderr)
         return 2
     schedule.to_json(args.out)
-    rows = predictions(profile, period, args.max_delay)
+    planned = {}
+    if args.method == "dreamddp":
+        if args.max_delay:
+            planned["delayed"] = schedule
+        else:
+            planned[args.overlap] = base
+    rows = predictions(profile, period, args.max_delay, planned)
     ssgd, lower = rows[0].backward_s, rows[-1].backward_s
     assert ssgd is not None and lower is not None  # S-SGD and the bound have a backward figure
     link = args.link or profile.metadata.get("link", "as profiled")
