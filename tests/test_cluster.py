@@ -59,7 +59,7 @@ def _root_interfaces() -> str:
 
 
 @needs_root
-def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir):
+def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir, monkeypatch):
     state = netns.up(spec)
     assert netns.namespaces(spec.name) == sorted([f"{spec.name}-hub", f"{spec.name}-s0", f"{spec.name}-s1"])
     assert state.delay_mode in ("software", "kernel netem")
@@ -71,8 +71,26 @@ def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir):
     lines = out.getvalue().splitlines()
     assert "[s0] sum 3.0 wan0" in lines and "[s1] sum 3.0 wan0" in lines, lines
 
+    # The sites share this machine's cores: OMP_NUM_THREADS = cores / all processes, unless set.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out = io.StringIO()
+    assert run_on_sites(state, ["echo threads $OMP_NUM_THREADS"], out=out, timeout=60) == 0
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"[s0] threads {expected}" in out.getvalue() and f"OMP_NUM_THREADS={expected} for each" in out.getvalue()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    out = io.StringIO()
+    assert run_on_sites(state, ["echo threads $OMP_NUM_THREADS"], out=out, timeout=60) == 0
+    assert "[s1] threads 3" in out.getvalue() and "OMP_NUM_THREADS=" not in out.getvalue()
+
     rate = measure_rate(state, seconds=1.0)
     assert 0.8 * 50e6 <= rate <= 1.2 * 50e6, f"measured {rate / 1e6:.1f} Mbit/s on a 50 Mbit/s link"
+
+    state, note = netns.shape(spec.name, "20mbit")  # the link changes under a running cluster
+    assert netns.load_state(spec.name).spec.wan == "20mbit" and note == ""
+    rate = measure_rate(state, seconds=1.0)
+    assert 0.8 * 20e6 <= rate <= 1.2 * 20e6, f"measured {rate / 1e6:.1f} Mbit/s after shaping to 20 Mbit/s"
+    with pytest.raises(ClusterError, match="mbits"):
+        netns.shape(spec.name, "20mbits")
 
     assert netns.down(spec.name)
     assert netns.namespaces(spec.name) == []

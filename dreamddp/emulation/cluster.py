@@ -3,6 +3,7 @@
     dreamddp cluster up --sites 2 --procs-per-site 2 --wan 100mbit --wan-delay 20ms
     dreamddp cluster run -- torchrun -m dreamddp.train --config configs/gpt-tiny.toml
     dreamddp cluster status
+    dreamddp cluster shape --wan 20mbit [--wan-delay 50ms]   # change the link under running jobs
     dreamddp cluster down
 
 ``run`` starts the command once per site inside the site's namespace, with ``MASTER_ADDR``,
@@ -10,6 +11,12 @@
 ``torchrun`` needs no multi-node flags), ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` set to
 the shaped interface, and each line of output prefixed with its site. A single quoted
 argument runs through ``sh -c``, so ``'echo $NODE_RANK'`` expands per site.
+
+Every site runs on this one machine, so ``run`` also sets ``OMP_NUM_THREADS`` to this machine's
+cores divided by all the cluster's processes (sites x processes per site), as torchrun does for
+the processes of one node: left unset, each process starts a thread per core and the sites
+fight over them (measured: 1.48 s/iteration instead of 0.42 for the same Local SGD run). A
+value the user set wins.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import TextIO
 from dreamddp.emulation import netns
 from dreamddp.emulation.netns import ClusterError, ClusterSpec, ClusterState
 
-__all__ = ["main", "run_on_sites", "measure_rate"]
+__all__ = ["main", "measure_rate", "run_on_sites", "threads_per_process"]
 
 GRACE_S = 15.0  # after one site fails, how long the others get to fail on their own
 
@@ -56,9 +63,10 @@ def run_on_sites(
     deadline = time.monotonic() + timeout if timeout else None
     failed_at: float | None = None
     code = 0
+    threads = _threads_env(state, extra_env, out)
     try:
         for site in range(state.spec.sites):
-            env = {**os.environ, **netns.site_env(state, site), **(extra_env or {})}
+            env = {**os.environ, **threads, **netns.site_env(state, site), **(extra_env or {})}
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", state.spec.site_namespace(site), *command],
                 env=env,
@@ -98,6 +106,27 @@ def run_on_sites(
     if code == 0:
         code = next((p.returncode for p in procs if p.returncode), 0)
     return code
+
+
+def threads_per_process(state: ClusterState) -> int:
+    """This machine's cores shared among every process of the cluster (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (state.spec.sites * state.spec.procs_per_site))
+
+
+def _threads_env(state: ClusterState, extra_env: dict[str, str] | None, out: TextIO) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for the sites, unless the user (or the caller) has set it."""
+    if "OMP_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in (extra_env or {}):
+        return {}
+    threads = threads_per_process(state)
+    processes = state.spec.sites * state.spec.procs_per_site
+    print(
+        f"dreamddp cluster: OMP_NUM_THREADS={threads} for each of the {processes} processes of the cluster"
+        " (they share this machine's cores); set OMP_NUM_THREADS to choose another",
+        file=out,
+        flush=True,
+    )
+    return {"OMP_NUM_THREADS": str(threads)}
 
 
 def _pump(proc: subprocess.Popen[str], prefix: str, out: TextIO, lock: threading.Lock) -> None:
@@ -237,10 +266,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p_run = sub.add_parser("run", help="run a command once per site: dreamddp cluster run -- CMD ...")
     p_run.add_argument("--timeout", type=float, default=None, help="seconds; exit 124 when exceeded")
     p_run.add_argument("command", nargs=argparse.REMAINDER)
+    p_shape = sub.add_parser("shape", help="change the sites' uplink rate (and delay) of a running cluster")
+    p_shape.add_argument("--wan", required=True, help="the new uplink rate, e.g. 20mbit")
+    p_shape.add_argument("--wan-delay", default=None, help="the new delay, e.g. 50ms (default: unchanged)")
     p_status = sub.add_parser("status", help="describe the cluster and measure the link")
     p_status.add_argument("--no-measure", action="store_true")
     sub.add_parser("down", help="remove everything (idempotent)")
-    for p in (p_up, p_run, p_status, *[sub.choices["down"]]):
+    for p in (p_up, p_run, p_shape, p_status, *[sub.choices["down"]]):
         p.add_argument("--name", default=defaults.name, help="prefix of the namespaces (default dreamddp)")
     return parser.parse_args(argv)
 
@@ -267,6 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.action == "run":
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             return run_on_sites(netns.load_state(args.name), command, timeout=args.timeout)
+        elif args.action == "shape":
+            state, note = netns.shape(args.name, args.wan, args.wan_delay)
+            print(
+                f"cluster {args.name!r}: uplinks now {state.spec.wan}, delay {state.spec.wan_delay} ({state.delay_mode})"
+            )
+            if note:
+                print(f"note: {note}")
         elif args.action == "status":
             _status(netns.load_state(args.name), measure=not args.no_measure)
         else:

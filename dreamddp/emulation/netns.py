@@ -335,6 +335,49 @@ def kill_namespace_processes(namespace: str) -> None:
             pass
 
 
+def shape(name: str, wan: str, wan_delay: str | None = None) -> tuple[ClusterState, str]:
+    """Change a running cluster's uplinks to ``wan`` (and ``wan_delay``); return the new state and
+    a note on the delay when it cannot reach jobs already running (software delay mode).
+
+    The rate changes in the kernel at once (``tc qdisc change``), under running jobs too: this is
+    how a test or a benchmark makes the WAN degrade in the middle of a training run.
+    """
+    state = load_state(name)
+    old = state.spec
+    spec = dataclasses.replace(old, wan=wan, wan_delay=old.wan_delay if wan_delay is None else wan_delay)
+    link = spec.wan_link
+    for site in range(spec.sites):
+        ns = spec.site_namespace(site)
+        if state.delay_mode == "kernel netem":
+            args = [
+                "netem",
+                "delay",
+                f"{link.latency_s * 1e3:g}ms",
+                "rate",
+                _tc_rate(link.bandwidth_bps),
+                "limit",
+                "100000",
+            ]
+        else:
+            args = _tbf_args(link.bandwidth_bps)
+        proc = _tc(ns, "qdisc", "change", "dev", WAN_IFACE, "root", *args, check=False)
+        if proc.returncode != 0:
+            raise ClusterError(f"`tc qdisc change` in {ns} failed: {proc.stderr.strip()}")
+    note = ""
+    mode = state.delay_mode
+    if state.delay_mode != "kernel netem":
+        mode = "software" if link.latency_s > 0 else "none"
+        if spec.wan_delay != old.wan_delay:
+            note = (
+                f"the delay is added in software by each job: {spec.wan_delay} applies to commands started from now on, "
+                f"jobs already running keep {old.wan_delay or '0ms'}"
+            )
+    new_state = ClusterState(spec, mode, state.addresses)
+    with atomic_write(_state_path(name), fsync=False) as f:
+        json.dump(new_state.to_dict(), f, indent=2)
+    return new_state, note
+
+
 def load_state(name: str = "dreamddp") -> ClusterState:
     """The state of a cluster that is up, or a ``ClusterError`` saying to bring it up."""
     path = _state_path(name)
