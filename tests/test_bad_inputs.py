@@ -247,7 +247,13 @@ def _good_profile(cwd: Path, _request) -> list[str]:
 
 TINY = ("--config", "tiny.toml")
 CLI_CASES = [
-    CliCase("period-zero", "train", ("--set", "train.period=0"), ("train.period", "got 0", ">= 1")),
+    CliCase("period-zero", "train", ("--set", "train.period=0"), ("train.period", "got 0", ">= 1 or 'auto'")),
+    CliCase(
+        "period-auto-without-profile",
+        "train",
+        ("--set", "train.period=auto"),
+        ("train.period='auto'", "train.profile", "profile ''"),
+    ),
     CliCase(
         "period-unbounded", "train", ("--set", "train.period=100000000"), ("train.period", "got 100000000", "at most")
     ),
@@ -287,6 +293,12 @@ CLI_CASES = [
     CliCase("metrics-port-out-of-range", "train", ("--metrics-port", "70000"), ("70000", "1..65535", "0 (off)")),
     CliCase(
         "time-budget-without-eval", "train", ("--set", "train.time_budget_s=60"), ("time_budget_s=60", "eval_every > 0")
+    ),
+    CliCase(
+        "replan-without-profile",
+        "train",
+        ("--set", "train.replan_every=2"),
+        ("replan_every=2", "train.profile", "profile ''"),
     ),
     CliCase(
         "fault-env-malformed", "train", (), ("'kill@one:5'", "kill@RANK:STEP"), env={"DREAMDDP_FAULT": "kill@one:5"}
@@ -434,6 +446,12 @@ CLI_CASES = [
         ("'nosuch'", "dreamddp cluster up --name nosuch"),
     ),
     CliCase("cluster-bad-sites", "cluster", ("up", "--sites", "0"), ("--sites", "got 0", ">= 1")),
+    CliCase(
+        "cluster-shape-without-up",
+        "cluster",
+        ("shape", "--name", "nosuch", "--wan", "20mbit"),
+        ("'nosuch'", "cluster up"),
+    ),
 ]
 
 

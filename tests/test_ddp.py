@@ -154,10 +154,10 @@ def _switch_schedules(rank: int, world: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     problems, followed = [], []
     for step in range(9):
-        if step == 4:  # phase 1 of the first schedule; phase 0 of the second
+        if step == 5:  # phase 2 of the first schedule; a new period length starts its period here
             ddp.set_schedule(second)
-        schedule = first if step < 4 else second
-        h = step % schedule.period
+        schedule = first if step < 5 else second
+        h = step % 3 if step < 5 else (step - 5) % 2
         opt.zero_grad()
         x, y = make_batch("vector", rank, step)
         loss = loss_of("vector", ddp(x), y)
@@ -177,8 +177,9 @@ def _switch_schedules(rank: int, world: int) -> dict:
 def test_set_schedule_between_iterations_switches_what_is_sent():
     names = [u.name for u in sync_units(MLP())]
     first = random_schedule(names, period=3, seed=7)
-    expected = [(h % 3, first.units_at(h % 3)) for h in range(4)]
-    expected += [(h % 2, ["fc1", "head"] if h % 2 == 0 else ["bn", "fc2"]) for h in range(4, 9)]
+    expected = [(h % 3, first.units_at(h % 3)) for h in range(5)]
+    # A schedule of another period starts at its phase 0 where it is switched in (step 5), not at step % 2.
+    expected += [((h - 5) % 2, ["fc1", "head"] if (h - 5) % 2 == 0 else ["bn", "fc2"]) for h in range(5, 9)]
     for r in run_workers(_switch_schedules, 2):
         assert r["problems"] == [], r["problems"]
         assert r["followed"] == expected, r["followed"]

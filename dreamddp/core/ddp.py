@@ -265,15 +265,25 @@ class DreamDDP(nn.Module, Joinable):
 
     @property
     def iteration(self) -> int:
-        """Synchronising backward passes so far; this backward uses ``iteration % period``."""
+        """Synchronising backward passes so far; this backward uses phase ``(iteration - period_origin) % period``."""
         return self._state.iteration
+
+    @property
+    def period_origin(self) -> int:
+        """The iteration the current period length started at: 0, or where ``set_schedule`` changed H."""
+        return self._state.origin
 
     @property
     def phase(self) -> int:
         return self._state.phase
 
     def set_schedule(self, schedule: Schedule) -> None:
-        """Switch schedules between iterations (call on every rank at the same iteration)."""
+        """Switch schedules between iterations (call on every rank at the same iteration).
+
+        A schedule of the same period continues the current period's phase; one of another
+        period starts its first period at this iteration (switch at a period boundary, where
+        every unit of the old schedule has just been averaged).
+        """
         if self._reducer.in_backward:
             raise RuntimeError("set_schedule() cannot be called during backward")
         schedule.check_units([u.name for u in self.units])

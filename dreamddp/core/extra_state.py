@@ -23,6 +23,7 @@ def export_extra_state(state: SyncState, landing: Landing) -> dict[str, Any]:
     delayed = landing.export()
     return {
         "iteration": state.iteration,
+        "origin": state.origin,
         "period": state.schedule.period,
         "order": list(state.order),
         "delayed": delayed,
@@ -45,6 +46,10 @@ def restore_extra_state(saved: Any, state: SyncState, landing: Landing, reducer:
         if list(order) != state.order:
             state.lay_out(order)
         reducer.order_rebuilt = True
+    origin = saved.get("origin", 0)  # absent from checkpoints written before a period could change
+    if not isinstance(origin, int) or not 0 <= origin <= saved["iteration"]:
+        raise ValueError(f"DreamDDP state has an invalid period origin {origin!r} (iteration {saved['iteration']})")
     state.iteration = saved["iteration"]
+    state.origin = origin
     landing.discard()
     landing.restore(saved.get("delayed", []))

@@ -63,13 +63,14 @@ class SyncState:
         self.bucket_cap_bytes = bucket_cap_bytes
         self.order = list(order)
         self.iteration = 0  # synchronising backward passes so far
+        self.origin = 0  # the iteration the current period length started at (a switch of H resets it)
         self.units: list[SyncUnit] = []
         self.plans: list[list[Bucket]] = []
         self.lay_out()
 
     @property
     def phase(self) -> int:
-        return self.iteration % self.schedule.period
+        return (self.iteration - self.origin) % self.schedule.period
 
     def plan(self) -> list[Bucket]:
         """This iteration's buckets, in launch order."""
@@ -85,6 +86,8 @@ class SyncState:
         self.plans = bucket_plans(self.layout, self.units, self.order, self.schedule, self.bucket_cap_bytes)
 
     def set_schedule(self, schedule: Schedule) -> None:
+        if schedule.period != self.schedule.period:
+            self.origin = self.iteration  # a new period length starts its first period here
         self.schedule = schedule
         self.plans = bucket_plans(self.layout, self.units, self.order, schedule, self.bucket_cap_bytes)
 

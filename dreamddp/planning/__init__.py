@@ -20,9 +20,11 @@ from dreamddp.planning.simulate import Timeline, check_overlap, simulate, simula
 from dreamddp.validation import non_negative_int, positive_int
 
 __all__ = [
+    "AUTO_LIMIT",
     "METHODS",
     "OVERLAPS",
     "Timeline",
+    "auto_period",
     "best",
     "best_forward",
     "brute_force",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 METHODS = ("dreamddp", "contiguous", "paper", "plsgd", "local_sgd")
+AUTO_LIMIT = 64  # the longest period `auto_period` considers
+AUTO_WITHIN = 1.05  # ... and how close to the lower bound it must predict
 
 
 def plan(
@@ -94,3 +98,13 @@ def plan(
     if fill and method in ("dreamddp", "contiguous", "paper"):
         schedule = fill_in(schedule, profile)
     return schedule
+
+
+def auto_period(profile: Profile, overlap: str = "backward", max_delay: int = 0) -> int:
+    """The smallest H (up to ``AUTO_LIMIT``) whose planned schedule is predicted within 5% of the
+    lower bound: the shortest period (the most frequent averaging) that hides the link."""
+    for period in range(1, AUTO_LIMIT + 1):
+        t = simulate(profile, plan(profile, period, fill=False, overlap=overlap, max_delay=max_delay))
+        if t.iteration_s <= AUTO_WITHIN * t.lower_bound_s / period:
+            return period
+    return AUTO_LIMIT

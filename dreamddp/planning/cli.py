@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from dreamddp.core.schedule import Schedule
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.ops.outputs import check_writable
-from dreamddp.planning import METHODS, fill_in, plan, simulate, simulate_method
+from dreamddp.planning import METHODS, auto_period, fill_in, plan, simulate, simulate_method
 from dreamddp.planning.profile import CommModel, Profile
 from dreamddp.validation import non_negative_int
 
 __all__ = ["Prediction", "main", "predictions", "reprice"]
 
-AUTO_LIMIT = 64
 FILLED_METHODS = ("dreamddp", "contiguous", "paper")  # the methods plan() fills in (not plsgd, local_sgd)
 
 
@@ -116,14 +115,6 @@ def predictions(
         rows.append(Prediction(f"dreamddp, delays <= {max_delay}", None, simulate(profile, delayed).iteration_s))
     lower = simulate(profile, backward).lower_bound_s / period
     return [*rows, Prediction("lower bound", lower, lower)]
-
-
-def auto_period(profile: Profile, overlap: str = "backward", max_delay: int = 0) -> int:
-    for period in range(1, AUTO_LIMIT + 1):
-        t = simulate(profile, plan(profile, period, fill=False, overlap=overlap, max_delay=max_delay))
-        if t.iteration_s <= 1.05 * t.lower_bound_s / period:
-            return period
-    return AUTO_LIMIT
 
 
 def _cells(seconds: float | None, ssgd: float, lower: float) -> str:

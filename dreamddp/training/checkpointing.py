@@ -51,11 +51,14 @@ class TrainingCheckpoints:
 
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed exactly."""
-        return {
+        identity = {
             "units": unit_signatures(sync_units(self.strategy.raw_model)),
             "algorithm": self.cfg.train.algorithm,
             "schedule": self.strategy.schedule_record(),
         }
+        if self.strategy.schedule_in_state:  # re-planned while running: the checkpoint's schedule is restored
+            del identity["schedule"]
+        return identity
 
     def resume(self) -> ResumePoint:
         """Load the newest checkpoint that verifies, if any, into the strategy, LR schedule and RNGs.

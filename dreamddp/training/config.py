@@ -100,7 +100,9 @@ class LoraConfig:
 class TrainConfig:
     algorithm: str = "dreamddp"
     steps: int = 100
-    period: int = 4  # H: iterations per averaging period (local methods)
+    # H: iterations per averaging period (local methods); "auto" (dreamddp with train.profile): the
+    # smallest H whose planned schedule is predicted within 5% of the lower bound.
+    period: int | str = field(default=4, metadata={"or": ("auto",)})
     optimizer: str = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9  # sgd only
@@ -135,6 +137,10 @@ class TrainConfig:
     lora: LoraConfig | None = field(default=None, metadata={"table": LoraConfig})
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; parameters, gradients, averages fp32)
     grad_accum: int = 1  # micro-batches per iteration: data.batch_size is split in k, all but the last under no_sync
+    # Live re-planning (dreamddp): every N periods, refresh train.profile from this job's own
+    # timings, plan on rank 0 and switch every rank's schedule at the period boundary. 0 = off.
+    replan_every: int = 0
+    profile: str = ""  # the profile (`dreamddp profile`) the schedule was planned from; needed to re-plan
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -158,10 +164,18 @@ class TrainConfig:
             raise ValueError(f"train.precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"train.backend {self.backend!r} is unknown; choose one of: auto, gloo, nccl")
-        for name in ("steps", "period", "eval_batches", "checkpoint_keep", "trace_steps", "grad_accum"):
+        for name in ("steps", "eval_batches", "checkpoint_keep", "trace_steps", "grad_accum"):
             positive_int(f"train.{name}", getattr(self, name))
-        # The wrapper keeps a bucket plan per iteration of the period: an absurd H exhausts memory, not a run.
-        require(self.period <= MAX_PERIOD, "train.period", f"at most {MAX_PERIOD}", self.period)
+        if self.period == "auto":
+            if self.algorithm != "dreamddp" or not self.profile:
+                raise ValueError(
+                    "train.period='auto' needs train.algorithm='dreamddp' and train.profile (the profile to "
+                    f"choose H from); got algorithm {self.algorithm!r}, profile {self.profile!r}"
+                )
+        else:
+            require(is_int(self.period) and self.period >= 1, "train.period", "an integer >= 1 or 'auto'", self.period)
+            # The wrapper keeps a bucket plan per iteration of the period: an absurd H exhausts memory, not a run.
+            require(self.period_h <= MAX_PERIOD, "train.period", f"at most {MAX_PERIOD}", self.period)
         positive_number("train.heartbeat_s", self.heartbeat_s)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError(
@@ -170,7 +184,15 @@ class TrainConfig:
             )
         port = self.metrics_port
         require(is_int(port) and 0 <= port <= 65535, "train.metrics_port", "0 (off) or a port in 1..65535", port)
-        for name in ("post_local_warmup", "eval_every", "timing_warmup", "seed", "lr_warmup", "checkpoint_every"):
+        for name in (
+            "post_local_warmup",
+            "eval_every",
+            "timing_warmup",
+            "seed",
+            "lr_warmup",
+            "checkpoint_every",
+            "replan_every",
+        ):
             non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "bucket_cap_mb", "timeout_s"):
             positive_number(f"train.{name}", getattr(self, name))
@@ -178,11 +200,24 @@ class TrainConfig:
             non_negative_number(f"train.{name}", getattr(self, name))
         if self.link:
             LinkSpec.parse(self.link)  # raises ValueError naming the malformed string
+        if self.replan_every and (self.algorithm != "dreamddp" or not self.profile):
+            raise ValueError(
+                f"train.replan_every={self.replan_every} needs train.algorithm='dreamddp' and train.profile "
+                f"(the profile to refresh from the job's own timings); got algorithm {self.algorithm!r}, "
+                f"profile {self.profile!r} (or set train.replan_every=0)"
+            )
         if self.time_budget_s and not self.eval_every:
             raise ValueError(
                 f"train.time_budget_s={self.time_budget_s:g} needs train.eval_every > 0: the budget is "
                 "checked at evaluations (or set train.time_budget_s=0)"
             )
+
+    @property
+    def period_h(self) -> int:
+        """H as a number: every algorithm's, except dreamddp's with period 'auto' (its schedule's)."""
+        if not isinstance(self.period, int):
+            raise ValueError("train.period='auto' is chosen by the planner: read the schedule's period")
+        return self.period
 
     @property
     def link_spec(self) -> LinkSpec | None:
@@ -301,6 +336,8 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
         if "table" in spec.metadata:  # built (and its keys checked) by the dataclass that holds it
             if not isinstance(value, dict):
                 raise ValueError(_not_a_table(f"{section}.{key}", value))
+            continue
+        if value in spec.metadata.get("or", ()):  # a named alternative to the typed value, e.g. period "auto"
             continue
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         expected = type(default)

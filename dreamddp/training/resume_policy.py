@@ -54,11 +54,13 @@ TRAIN_KEYS: dict[str, frozenset[str]] = {
             "trace",
             "trace_steps",
             "heartbeat_s",
+            "replan_every",
         }
     ),
     # Compared elsewhere: the schedule by its content (a moved file is the same schedule), and the
     # checkpoint directory is the one being resumed from.
-    "not_compared": frozenset({"schedule", "checkpoint_dir"}),
+    # train.profile only seeds re-planning; the schedule in force is in the checkpoint.
+    "not_compared": frozenset({"schedule", "checkpoint_dir", "profile"}),
 }
 
 

@@ -13,6 +13,8 @@ from torch import nn
 
 from dreamddp.core.schedule import Schedule
 from dreamddp.core.units import sync_units
+from dreamddp.planning import auto_period, plan
+from dreamddp.planning.profile import Profile
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.strategies import SCHEDULED
 
@@ -33,8 +35,10 @@ def resolve_schedule(cfg: ExperimentConfig, model: nn.Module, world_size: int) -
     tc = cfg.train
     if tc.algorithm not in SCHEDULED:
         return None
+    if tc.period == "auto" and not tc.schedule:
+        return _auto_schedule(cfg, model)
     if tc.algorithm != "dreamddp" or not tc.schedule:
-        return Schedule.plsgd(sync_units(model), tc.period)
+        return Schedule.plsgd(sync_units(model), tc.period_h)
     schedule = Schedule.from_json(tc.schedule)  # its errors name the file
     planned_for = schedule.metadata.get("world_size")
     if isinstance(planned_for, int) and planned_for != world_size:
@@ -48,5 +52,33 @@ def resolve_schedule(cfg: ExperimentConfig, model: nn.Module, world_size: int) -
     except ValueError as err:
         raise ValueError(f"schedule file {tc.schedule!r} does not fit model {cfg.model_name!r}: {err}") from None
     if schedule.period != tc.period:
-        logger.info("schedule file %r sets H=%d; train.period=%d is not used", tc.schedule, schedule.period, tc.period)
+        logger.info("schedule file %r sets H=%d; train.period=%s is not used", tc.schedule, schedule.period, tc.period)
+    return schedule
+
+
+def _check_profile_units(profile: Profile, model: nn.Module) -> None:
+    """A profile plans only for the model it measured: the same sync units, by name."""
+    model_names = [u.name for u in sync_units(model)]
+    extra = sorted(set(profile.names) - set(model_names))
+    missing = sorted(set(model_names) - set(profile.names))
+    if extra or missing:
+        what = f"unit {extra[0]!r}, which the model does not have" if extra else f"no unit {missing[0]!r}"
+        raise ValueError(f"it was measured on another model (it has {what})")
+
+
+def _auto_schedule(cfg: ExperimentConfig, model: nn.Module) -> Schedule:
+    """``train.period = "auto"``: plan from ``train.profile`` at the smallest H near the lower bound.
+
+    The planner is deterministic, so every rank computes the same schedule from the same file.
+    """
+    tc = cfg.train
+    try:
+        profile = Profile.from_json(tc.profile)
+        _check_profile_units(profile, model)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"train.profile {tc.profile!r} cannot choose train.period='auto': {err}") from None
+    overlap = tc.overlap or "backward"
+    period = auto_period(profile, overlap)
+    schedule = plan(profile, period, overlap=overlap)
+    logger.info("train.period='auto': H=%d planned from %s", period, tc.profile)
     return schedule

@@ -116,7 +116,7 @@ class Strategy:
     @property
     def period(self) -> int:
         """H, the averaging period this strategy really runs (phases in the trace, the summary)."""
-        return self.cfg.period
+        return self.cfg.period_h
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -129,7 +129,13 @@ class Strategy:
 
     def schedule_record(self) -> dict[str, Any] | None:
         """What must match for a checkpoint of this run to be resumed exactly."""
-        return {"period": self.cfg.period}
+        return {"period": self.cfg.period_h}
+
+    @property
+    def schedule_in_state(self) -> bool:
+        """Whether the schedule is state (re-planned while running: restored from a checkpoint)
+        rather than identity (fixed by the config: a checkpoint must match it)."""
+        return False
 
     # ------------------------------------------------------------ iterations
     def after_step(self, step: int) -> None:
@@ -214,7 +220,7 @@ class LocalSGD(Strategy):
         check_frozen(sync_units(model))  # never averaged: every rank must start with the same ones
 
     def after_step(self, step: int) -> None:
-        if (step + 1) % self.cfg.period:
+        if (step + 1) % self.cfg.period_h:
             self._last = _after_step_comm(0.0, 0)
             return
         start = time.perf_counter()
@@ -265,7 +271,9 @@ class PostLocalSGD(Strategy):
         # the frozen ones equal at construction, and they never change).
         trainable = trainable_parameters(model)
         self._param_bytes = sum(p.numel() * p.element_size() for p in trainable)
-        self.averager = _LinkedAverager(link, self._param_bytes, period=cfg.period, warmup_steps=cfg.post_local_warmup)
+        self.averager = _LinkedAverager(
+            link, self._param_bytes, period=cfg.period_h, warmup_steps=cfg.post_local_warmup
+        )
         self._post_local = PostLocalSGDOptimizer(optim=build_optimizer(cfg, trainable), averager=self.averager)
         self.optimizer = self._post_local
 
@@ -289,7 +297,7 @@ class PostLocalSGD(Strategy):
         self._state.iter = int(state["strategy"]["local_sgd_iter"])
 
     def schedule_record(self) -> dict[str, Any] | None:
-        return {"period": self.cfg.period, "warmup": self.cfg.post_local_warmup}
+        return {"period": self.cfg.period_h, "warmup": self.cfg.post_local_warmup}
 
     def close(self) -> None:
         del self.model
@@ -305,6 +313,8 @@ class PartialLocalSGD(Strategy):
             if schedule.period != cfg.period:
                 # The schedule file decides H; say so rather than silently ignoring train.period.
                 self.note = f"schedule {cfg.schedule!r} has period {schedule.period}; train.period={cfg.period} ignored"
+        elif cfg.algorithm == "dreamddp" and cfg.period == "auto":
+            self.note = f"train.period='auto': H={schedule.period}, planned from {cfg.profile!r}"
         elif cfg.algorithm == "dreamddp":
             self.note = "no schedule file given: using PLSGD's equal-bytes contiguous groups"
         self.ddp = DreamDDP(
@@ -312,7 +322,7 @@ class PartialLocalSGD(Strategy):
             schedule,
             bucket_cap_mb=cfg.bucket_cap_mb,
             link=link,
-            record_timings=bool(cfg.trace or cfg.metrics_port),
+            record_timings=bool(cfg.trace or cfg.metrics_port or cfg.replan_every),
             overlap=cfg.overlap or None,
         )
         self.ddp.register_optimizer(self.optimizer)  # overlap="forward" holds back steps of units still averaging
@@ -364,6 +374,10 @@ class PartialLocalSGD(Strategy):
         return {"model": self.ddp.state_dict(), "optimizer": self.optimizer.state_dict(), "strategy": {}}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        record = state.get("schedule")
+        if self.schedule_in_state and isinstance(record, dict) and record.get("assignment") is not None:
+            # Re-planned while running: the checkpoint holds the schedule in force at that iteration.
+            self.switch_schedule(schedule_from_record(record))
         self.ddp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -374,6 +388,15 @@ class PartialLocalSGD(Strategy):
             "delays": dict(self.schedule.delays),
             "overlap": self.ddp.overlap,
         }
+
+    @property
+    def schedule_in_state(self) -> bool:
+        return bool(self.cfg.replan_every)
+
+    def switch_schedule(self, schedule: Schedule) -> None:
+        """Run ``schedule`` from the next iteration on (every rank, at the same iteration)."""
+        self.ddp.set_schedule(schedule)
+        self.schedule = schedule
 
     def flush(self) -> None:
         self.ddp.flush(delayed=False)  # a delayed average lands on its own iteration, or the trajectory moves
@@ -386,6 +409,16 @@ class PartialLocalSGD(Strategy):
 
     def close(self) -> None:
         self.ddp.remove_hooks()
+
+
+def schedule_from_record(record: dict[str, Any]) -> Schedule:
+    """The schedule a checkpoint's ``schedule_record`` describes."""
+    return Schedule(
+        int(record["period"]),
+        {name: tuple(its) for name, its in record["assignment"].items()},
+        delays=dict(record.get("delays") or {}),
+        overlap=str(record.get("overlap") or "backward"),
+    )
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {

@@ -47,6 +47,7 @@ from dreamddp.training.loss import loss_for_task
 from dreamddp.training.models import build_model, model_task
 from dreamddp.training.observers import IterationObserver, MetricsObserver, ProgressReporter, TraceObserver
 from dreamddp.training.preflight import check_output_paths
+from dreamddp.training.replanning import Replanner
 from dreamddp.training.run_log import RankZeroLog
 from dreamddp.training.schedules import resolve_schedule
 from dreamddp.training.strategies import build_lr_scheduler, build_strategy
@@ -149,6 +150,11 @@ class Trainer:
         _require_measurable_link(self.link, device)
         agree(lambda: _require_bf16_support(cfg, device))  # mixed GPUs: one rank's lack stops every rank
         self.strategy = build_strategy(model, cfg.train, self.link, schedule)
+        self.replanner = (
+            agree(lambda: Replanner(self.strategy, self.tc.profile, self.tc.replan_every))
+            if self.tc.replan_every
+            else None
+        )
         self.metrics = self._serve_metrics()
         self.lr_scheduler = build_lr_scheduler(self.tc, self.strategy.optimizer)
         self.checkpoints = TrainingCheckpoints(cfg, self.strategy, self.lr_scheduler, device)
@@ -229,6 +235,10 @@ class Trainer:
                 result = self.iteration.run(step)
                 for observer in observers:
                     observer.on_iteration(result)
+                if self.replanner is not None and step + 1 < self.tc.steps:
+                    replanned = self.replanner.maybe_replan(step + 1)  # collective at its boundaries
+                    if replanned is not None:
+                        log.write(replanned)
                 self.checkpoints.maybe_save(step + 1, self.totals.train_time_s)
                 if self._evaluate(step, log):
                     return step + 1  # out of time: every rank stops after the same iteration

@@ -1,0 +1,105 @@
+"""Live re-planning: the schedule follows the link and the machine while the job runs.
+
+A schedule is planned from a profile taken before training; then the WAN slows down, a
+neighbour starts using the cores, and the plan is priced for a world that is gone. With
+``train.replan_every = N`` the trainer, every N periods, refreshes the profile from the job's
+own observed timings (``DreamDDP(record_timings=True)``: each unit's ready time and each
+bucket's transfer, ``profiler.refresh``), plans a new schedule on rank 0, broadcasts it, and
+every rank switches at the same period boundary (with ``train.period = "auto"`` the period
+is chosen again, and a new H starts its first period there). Every rank therefore runs the same
+collectives in the same order, and the switch lands between periods, where every unit of the
+old schedule has just been averaged once. Checkpoints record the schedule in force, and a
+resume restores it (``Strategy.schedule_in_state``).
+
+Only rank 0's timings are used: one rank's view is enough to price the shared link, and
+planning on every rank from different timings could give different schedules.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dreamddp.core.schedule import Schedule
+from dreamddp.planning import auto_period, plan, simulate
+from dreamddp.planning.profile import Profile
+from profiler.observed import refresh
+
+__all__ = ["Replanner"]
+
+logger = logging.getLogger(__name__)
+
+
+class Replanner:
+    """Re-plans a ``PartialLocalSGD`` strategy's schedule every ``every`` periods."""
+
+    def __init__(self, strategy: Any, profile_path: str, every: int) -> None:
+        self.strategy = strategy
+        self.every = every
+        try:
+            self.profile = Profile.from_json(profile_path)
+            strategy.schedule.check_units(self.profile.names)  # the profile's units are the model's
+        except (OSError, ValueError) as err:
+            raise ValueError(f"train.profile {profile_path!r} cannot seed re-planning: {err}") from None
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.history: list[dict[str, Any]] = []  # one record per re-plan, for the log
+
+    def due(self, steps_done: int) -> bool:
+        """At every ``every``-th boundary of the current period (counted from where its H began)."""
+        since = steps_done - self.strategy.ddp.period_origin
+        period = self.strategy.period
+        return since > 0 and since % period == 0 and (since // period) % self.every == 0
+
+    def maybe_replan(self, steps_done: int) -> dict[str, Any] | None:
+        """Collective at a re-planning boundary: the new schedule on every rank; a log record on rank 0."""
+        if not self.due(steps_done):
+            return None
+        payload: list[Any] = [None]
+        if self.rank == 0:
+            payload[0] = self._plan_from_observations()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(payload, src=0, device=_object_device())
+        record = payload[0]
+        schedule = Schedule.from_dict(record["schedule"])
+        self.strategy.switch_schedule(schedule)
+        summary = {key: value for key, value in record.items() if key != "schedule"}
+        summary["step"] = steps_done
+        self.history.append(summary)
+        if self.rank == 0:
+            logger.info(
+                "re-planned at iteration %d from %d observed iterations: predicted %.4f s/iteration (the old "
+                "schedule, on the refreshed profile: %.4f)",
+                steps_done,
+                record["observed_iterations"],
+                record["predicted_iter_s"],
+                record["previous_predicted_iter_s"],
+            )
+        return {"event": "replan", **summary}
+
+    def _plan_from_observations(self) -> dict[str, Any]:
+        observed = self.strategy.observed_timings()[-self.every * self.strategy.period :]
+        refreshed = refresh(self.profile, observed)
+        self.profile = refreshed
+        current: Schedule = self.strategy.schedule
+        auto = self.strategy.cfg.period == "auto"  # re-choose H too: a slower link may want a longer period
+        period = auto_period(refreshed, current.overlap) if auto else current.period
+        schedule = plan(refreshed, period, overlap=current.overlap)
+        return {
+            "schedule": schedule.to_dict(),
+            "observed_iterations": len(observed),
+            "period": schedule.period,
+            "predicted_iter_s": simulate(refreshed, schedule).iteration_s,
+            "previous_predicted_iter_s": simulate(refreshed, current).iteration_s,
+            "alpha_s": refreshed.comm.alpha_s if refreshed.comm is not None else None,
+            "beta_s_per_byte": refreshed.comm.beta_s_per_byte if refreshed.comm is not None else None,
+        }
+
+
+def _object_device() -> torch.device:
+    """Where broadcast_object_list stages its bytes: the backend's device (CPU for gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
