@@ -52,6 +52,7 @@ def test_replanned_schedule_is_the_same_on_every_rank_and_survives_a_resume(tmp_
     replans = [r for r in records if r.get("event") == "replan"]
     assert [r["step"] for r in replans] == [4, 8]  # every period boundary but the last
     assert all(r["observed_iterations"] == 4 for r in replans)
+    assert replans[0]["switched"]  # everything at the period's end was predicted slower than the plan
 
     # Both ranks run the same, re-planned schedule (not the local_sgd one they started with).
     saved = [_final_state(tmp_path / "first", rank)["schedule"] for rank in (0, 1)]
@@ -96,8 +97,32 @@ def test_period_auto_is_chosen_from_the_profile_and_chosen_again_when_replanning
     records = [json.loads(line) for line in (tmp_path / "auto.jsonl").read_text().splitlines()]
     assert records[0]["note"] == f"train.period='auto': H={chosen}, planned from {str(tmp_path / 'profile.json')!r}"
     replans = [r for r in records if r.get("event") == "replan"]
-    assert replans and replans[0]["step"] == chosen  # the first period was the auto-chosen one
-    for previous, current in zip(replans, replans[1:]):  # each later one a (possibly new) period on
-        assert current["step"] - previous["step"] == previous["period"]
+    assert replans
+    in_force, last = chosen, 0
+    for record in replans:  # each a period of the H in force after the one before
+        assert record["step"] - last == in_force
+        in_force, last = (record["period"] if record["switched"] else in_force), record["step"]
     saved = [_final_state(tmp_path / "auto", rank)["schedule"] for rank in (0, 1)]
-    assert saved[0] == saved[1] and saved[0]["period"] == replans[-1]["period"]
+    assert saved[0] == saved[1] and saved[0]["period"] == in_force
+
+
+def test_a_failed_replan_keeps_the_schedule_and_says_why(tmp_path):
+    """Rank 0 cannot plan (no timings observed): the record says so and nothing switches or hangs."""
+    from types import SimpleNamespace
+
+    from dreamddp.training.replanning import Replanner
+
+    _profile_and_poor_schedule(tmp_path)
+    schedule = Schedule.from_json(tmp_path / "schedule.json")
+    switched = []
+    strategy = SimpleNamespace(
+        schedule=schedule,
+        period=4,
+        cfg=SimpleNamespace(period=4),
+        ddp=SimpleNamespace(iteration=4, period_origin=0, overlap="backward"),
+        observed_timings=lambda: [],
+        switch_schedule=switched.append,
+    )
+    record = Replanner(strategy, str(tmp_path / "profile.json"), every=1).maybe_replan(4)
+    assert record is not None and record["switched"] is False and not switched
+    assert "no observed iterations" in record["error"]

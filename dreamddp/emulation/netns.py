@@ -345,24 +345,23 @@ def shape(name: str, wan: str, wan_delay: str | None = None) -> tuple[ClusterSta
     state = load_state(name)
     old = state.spec
     spec = dataclasses.replace(old, wan=wan, wan_delay=old.wan_delay if wan_delay is None else wan_delay)
-    link = spec.wan_link
+
+    def qdisc(link: LinkSpec) -> list[str]:
+        if state.delay_mode == "kernel netem":
+            delay = f"{link.latency_s * 1e3:g}ms"
+            return ["netem", "delay", delay, "rate", _tc_rate(link.bandwidth_bps), "limit", "100000"]
+        return _tbf_args(link.bandwidth_bps)
+
+    changed: list[str] = []
     for site in range(spec.sites):
         ns = spec.site_namespace(site)
-        if state.delay_mode == "kernel netem":
-            args = [
-                "netem",
-                "delay",
-                f"{link.latency_s * 1e3:g}ms",
-                "rate",
-                _tc_rate(link.bandwidth_bps),
-                "limit",
-                "100000",
-            ]
-        else:
-            args = _tbf_args(link.bandwidth_bps)
-        proc = _tc(ns, "qdisc", "change", "dev", WAN_IFACE, "root", *args, check=False)
+        proc = _tc(ns, "qdisc", "change", "dev", WAN_IFACE, "root", *qdisc(spec.wan_link), check=False)
         if proc.returncode != 0:
+            for done in changed:  # all sites or none: a half-shaped cluster would measure nonsense
+                _tc(done, "qdisc", "change", "dev", WAN_IFACE, "root", *qdisc(old.wan_link), check=False)
             raise ClusterError(f"`tc qdisc change` in {ns} failed: {proc.stderr.strip()}")
+        changed.append(ns)
+    link = spec.wan_link
     note = ""
     mode = state.delay_mode
     if state.delay_mode != "kernel netem":

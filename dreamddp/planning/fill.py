@@ -116,7 +116,7 @@ class _Sweep:
 
     def _duration(self, ch: _Channel) -> float:
         c = self.c
-        return c.comm[ch.last] if c.per_unit else c.alpha + c.beta * (ch.end - ch.start)
+        return c.comm[ch.last] if c.per_unit else (c.alpha + c.beta * (ch.end - ch.start))
 
     def _finish(self, ch: _Channel, next_run: int) -> float:
         """Finish time: the channel ``ch`` (open bucket included), then original runs from ``next_run``."""

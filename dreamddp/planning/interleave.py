@@ -189,10 +189,10 @@ class FastCost:
                 b_end, last = e, k
                 continue
             r = ready[last]
-            free = (r if r > free else free) + alpha + beta * (b_end - b_start)
+            free = (r if r > free else free) + (alpha + beta * (b_end - b_start))
             b_start, b_end, last = s, e, k
         r = ready[last]
-        free = (r if r > free else free) + alpha + beta * (b_end - b_start)
+        free = (r if r > free else free) + (alpha + beta * (b_end - b_start))
         return max(0.0, free - self.end)
 
 

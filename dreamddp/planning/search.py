@@ -153,10 +153,10 @@ class _BlockCosts:
         overflow = size + model.nbytes[j] > model.cap
         overflow[j] = False  # a block's first unit opens its first bucket
         if overflow.any():
-            free[overflow] = np.maximum(model.ready[j - 1], free[overflow]) + alpha + beta * size[overflow]
+            free[overflow] = np.maximum(model.ready[j - 1], free[overflow]) + (alpha + beta * size[overflow])
             size[overflow] = 0.0
         size += model.nbytes[j]
-        return np.maximum(0.0, np.maximum(model.ready[j], free) + alpha + beta * size - model.end)
+        return np.maximum(0.0, np.maximum(model.ready[j], free) + (alpha + beta * size) - model.end)
 
 
 def _cost_matrix(inst: _Instance) -> np.ndarray:

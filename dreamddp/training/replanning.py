@@ -40,40 +40,58 @@ class Replanner:
         self.strategy = strategy
         self.every = every
         try:
+            # Every re-plan refreshes this profile (not the last refresh): a resumed job, which
+            # starts again from the file, then plans exactly as the uninterrupted one would.
             self.profile = Profile.from_json(profile_path)
             strategy.schedule.check_units(self.profile.names)  # the profile's units are the model's
         except (OSError, ValueError) as err:
             raise ValueError(f"train.profile {profile_path!r} cannot seed re-planning: {err}") from None
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.history: list[dict[str, Any]] = []  # one record per re-plan, for the log
 
-    def due(self, steps_done: int) -> bool:
+    def due(self) -> bool:
         """At every ``every``-th boundary of the current period (counted from where its H began)."""
-        since = steps_done - self.strategy.ddp.period_origin
+        ddp = self.strategy.ddp
+        since = ddp.iteration - ddp.period_origin
         period = self.strategy.period
         return since > 0 and since % period == 0 and (since // period) % self.every == 0
 
     def maybe_replan(self, steps_done: int) -> dict[str, Any] | None:
-        """Collective at a re-planning boundary: the new schedule on every rank; a log record on rank 0."""
-        if not self.due(steps_done):
+        """Collective at a re-planning boundary: every rank gets rank 0's decision; a log record back.
+
+        The schedule changes only when the new one is predicted faster on the refreshed profile.
+        If planning fails on rank 0 (say, too few observed iterations), every rank keeps its
+        schedule and the record says why: the others never wait on a broadcast that is not coming.
+        """
+        if not self.due():
             return None
         payload: list[Any] = [None]
         if self.rank == 0:
-            payload[0] = self._plan_from_observations()
+            try:
+                payload[0] = self._plan_from_observations()
+            except (ValueError, RuntimeError, ArithmeticError) as err:
+                payload[0] = {"error": f"{type(err).__name__}: {err}"}
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(payload, src=0, device=_object_device())
         record = payload[0]
-        schedule = Schedule.from_dict(record["schedule"])
-        self.strategy.switch_schedule(schedule)
-        summary = {key: value for key, value in record.items() if key != "schedule"}
+        summary: dict[str, Any] = {key: value for key, value in record.items() if key != "schedule"}
         summary["step"] = steps_done
-        self.history.append(summary)
+        if "error" in record:
+            summary["switched"] = False
+            if self.rank == 0:
+                logger.warning(
+                    "re-planning at iteration %d failed (%s): keeping the schedule", steps_done, record["error"]
+                )
+            return {"event": "replan", **summary}
+        summary["switched"] = record["predicted_iter_s"] < record["previous_predicted_iter_s"]
+        if summary["switched"]:
+            self.strategy.switch_schedule(Schedule.from_dict(record["schedule"]))
         if self.rank == 0:
             logger.info(
-                "re-planned at iteration %d from %d observed iterations: predicted %.4f s/iteration (the old "
-                "schedule, on the refreshed profile: %.4f)",
+                "re-planned at iteration %d from %d observed iterations: %s (predicted %.4f s/iteration; the "
+                "schedule in force, on the refreshed profile: %.4f)",
                 steps_done,
                 record["observed_iterations"],
+                "switched" if summary["switched"] else "kept the schedule in force",
                 record["predicted_iter_s"],
                 record["previous_predicted_iter_s"],
             )
@@ -82,17 +100,18 @@ class Replanner:
     def _plan_from_observations(self) -> dict[str, Any]:
         observed = self.strategy.observed_timings()[-self.every * self.strategy.period :]
         refreshed = refresh(self.profile, observed)
-        self.profile = refreshed
         current: Schedule = self.strategy.schedule
+        overlap = self.strategy.ddp.overlap  # the mode the wrapper runs (train.overlap may override the file's)
+        max_delay = max(current.delays.values(), default=0) if overlap == "forward" else 0
         auto = self.strategy.cfg.period == "auto"  # re-choose H too: a slower link may want a longer period
-        period = auto_period(refreshed, current.overlap) if auto else current.period
-        schedule = plan(refreshed, period, overlap=current.overlap)
+        period = auto_period(refreshed, overlap, max_delay) if auto else current.period
+        schedule = plan(refreshed, period, overlap=overlap, max_delay=max_delay)
         return {
             "schedule": schedule.to_dict(),
             "observed_iterations": len(observed),
             "period": schedule.period,
             "predicted_iter_s": simulate(refreshed, schedule).iteration_s,
-            "previous_predicted_iter_s": simulate(refreshed, current).iteration_s,
+            "previous_predicted_iter_s": simulate(refreshed, current, overlap=overlap).iteration_s,
             "alpha_s": refreshed.comm.alpha_s if refreshed.comm is not None else None,
             "beta_s_per_byte": refreshed.comm.beta_s_per_byte if refreshed.comm is not None else None,
         }

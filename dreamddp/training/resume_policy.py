@@ -29,7 +29,18 @@ __all__ = ["ResumeChanges", "apply_hyperparameters", "compare_configs", "TRAIN_K
 # train.* keys, by what a change on resume means.
 TRAIN_KEYS: dict[str, frozenset[str]] = {
     "refused": frozenset(
-        {"algorithm", "period", "optimizer", "overlap", "seed", "lr_schedule", "lr_warmup", "post_local_warmup", "lora"}
+        {
+            "algorithm",
+            "period",
+            "optimizer",
+            "overlap",
+            "seed",
+            "lr_schedule",
+            "lr_warmup",
+            "post_local_warmup",
+            "lora",
+            "replan_every",  # decides whether the schedule is the file's or the checkpoint's
+        }
     ),
     # Written into the restored optimizer / LR schedule, or read from the config every iteration.
     "applied": frozenset({"lr", "weight_decay", "momentum", "grad_clip", "steps", "precision", "grad_accum"}),
@@ -54,7 +65,6 @@ TRAIN_KEYS: dict[str, frozenset[str]] = {
             "trace",
             "trace_steps",
             "heartbeat_s",
-            "replan_every",
         }
     ),
     # Compared elsewhere: the schedule by its content (a moved file is the same schedule), and the

@@ -309,7 +309,9 @@ class PartialLocalSGD(Strategy):
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None, schedule: Schedule) -> None:
         super().__init__(model, cfg, link)
-        if cfg.algorithm == "dreamddp" and cfg.schedule:
+        if cfg.algorithm == "dreamddp" and cfg.schedule and cfg.period == "auto" and cfg.replan_every:
+            self.note = f"schedule {cfg.schedule!r} starts with H={schedule.period}; re-planning chooses H from then on"
+        elif cfg.algorithm == "dreamddp" and cfg.schedule:
             if schedule.period != cfg.period:
                 # The schedule file decides H; say so rather than silently ignoring train.period.
                 self.note = f"schedule {cfg.schedule!r} has period {schedule.period}; train.period={cfg.period} ignored"
@@ -322,7 +324,8 @@ class PartialLocalSGD(Strategy):
             schedule,
             bucket_cap_mb=cfg.bucket_cap_mb,
             link=link,
-            record_timings=bool(cfg.trace or cfg.metrics_port or cfg.replan_every),
+            # Re-planning reads rank 0's timings only; other ranks would just hold them.
+            record_timings=bool(cfg.trace or cfg.metrics_port or (cfg.replan_every and _rank() == 0)),
             overlap=cfg.overlap or None,
         )
         self.ddp.register_optimizer(self.optimizer)  # overlap="forward" holds back steps of units still averaging
@@ -409,6 +412,10 @@ class PartialLocalSGD(Strategy):
 
     def close(self) -> None:
         self.ddp.remove_hooks()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def schedule_from_record(record: dict[str, Any]) -> Schedule:
