@@ -75,8 +75,8 @@ class TraceObserver:
     wrapper really used.
     """
 
-    def __init__(self, recorder: TraceRecorder, period: int) -> None:
-        self.recorder, self.period = recorder, period
+    def __init__(self, recorder: TraceRecorder, strategy: Strategy) -> None:
+        self.recorder, self.strategy = recorder, strategy
 
     def on_iteration(self, it: IterationResult) -> None:
         if not self.recorder.wants(it.step):
@@ -85,7 +85,7 @@ class TraceObserver:
         self.recorder.add(
             IterationMarks(
                 it.step,
-                it.step % max(self.period, 1),
+                self.strategy.phase_of(it.step),  # asked each time: re-planning may change H
                 t.start,
                 t.forward_end,
                 t.backward_end,

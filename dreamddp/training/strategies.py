@@ -118,6 +118,10 @@ class Strategy:
         """H, the averaging period this strategy really runs (phases in the trace, the summary)."""
         return self.cfg.period_h
 
+    def phase_of(self, step: int) -> int:
+        """The iteration of the period that ``step`` (just run) was."""
+        return step % max(self.period, 1)
+
     # ------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
         """This rank's model, optimizer and algorithm state (rank-local under local SGD)."""
@@ -395,6 +399,9 @@ class PartialLocalSGD(Strategy):
     @property
     def schedule_in_state(self) -> bool:
         return bool(self.cfg.replan_every)
+
+    def phase_of(self, step: int) -> int:
+        return (step - self.ddp.period_origin) % self.period  # a new H counts from where it began
 
     def switch_schedule(self, schedule: Schedule) -> None:
         """Run ``schedule`` from the next iteration on (every rank, at the same iteration)."""

@@ -308,7 +308,7 @@ class Trainer:
         if not self.tc.trace:
             return None
         recorder = TraceRecorder(self.tc.trace, max(start_step, self.tc.timing_warmup), self.tc.trace_steps)
-        return TraceObserver(recorder, self.strategy.period)
+        return TraceObserver(recorder, self.strategy)
 
     def _summarize(
         self, start_step: int, steps_done: int, channel_busy: float | None, val_loss: float, log: RankZeroLog
