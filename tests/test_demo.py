@@ -31,6 +31,8 @@ def test_demo_runs_end_to_end(tmp_path):
         "6",
         "--period",
         "2",
+        "--repeats",
+        "2",
         "--link",
         "1gbit,1ms",
         "--out",
@@ -47,4 +49,7 @@ def test_demo_runs_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"ssgd", "local_sgd", "plsgd", "dreamddp"}
     assert (out / "schedule.json").exists() and (out / "profile.json").exists()
-    assert summary["results"]["dreamddp"]["note"] == ""  # it trained with the planned schedule
+    note = summary["results"]["dreamddp"]["note"]  # it trained with the planned schedule, in its planned mode
+    assert "ignored" not in note and "PLSGD" not in note, note
+    assert all(len(r["repeats_iter_s"]) == 2 for r in summary["results"].values())  # interleaved repeats
+    assert " overlap (" in proc.stdout  # the planner chose the wrapper's mode
