@@ -29,7 +29,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.period=0", "train.period must be an integer >= 1, got 0"),
+        ("train.period=0", "train.period must be an integer >= 1 or 'auto', got 0"),
         ("train.algorithm=sync", "train.algorithm 'sync' is unknown"),
         ("train.link=100mbit,20", "malformed link '100mbit,20'"),
         ("train.lr=-1", "train.lr must be a number > 0, got -1"),

@@ -1,7 +1,7 @@
 """train.replan_every: the schedule is re-planned from the job's own timings while it runs.
 
-Real torchrun jobs on 2 gloo ranks. The job starts from a poor schedule (everything averaged at
-the period's last iteration) and a profile of the tiny GPT's real units; it re-plans at every
+Real torchrun jobs on 2 gloo ranks. The job starts from a poor schedule (every unit averaged at
+every iteration of the period) and a profile of the tiny GPT's real units; it re-plans at every
 period boundary. Every rank must switch to the same schedule (their checkpoints record it), the
 log names each re-plan, and a job resumed from a checkpoint taken after a switch continues with
 the switched schedule bit for bit.
@@ -24,6 +24,9 @@ from dreamddp.training.models import build_model
 from .test_resume import REPO, TINY_GPT, _assert_same, _final_state, _losses, _torchrun
 
 STEPS = ["train.steps=12", "train.checkpoint_every=4", "train.checkpoint_keep=3"]
+# A simulated slow link, so that the observed transfers (and hence the refreshed profile) make
+# the starting schedule's extra latencies clearly slower than a plan, on any machine.
+SLOW_LINK = ['train.link="20mbit,20ms"']
 
 
 def _profile_and_poor_schedule(tmp: Path, comm: CommModel | None = None) -> list[str]:
@@ -34,7 +37,8 @@ def _profile_and_poor_schedule(tmp: Path, comm: CommModel | None = None) -> list
         tuple(UnitProfile(u.name, u.nbytes, 1e-3, 1e-3) for u in units), 0.01, 1e-3 * len(units), 1e-3
     ).with_comm(comm or CommModel(0.02, 8 / 100e6))  # priced for a slow link; the job then observes loopback
     profile.to_json(tmp / "profile.json")
-    Schedule.local_sgd(names, 4).to_json(tmp / "schedule.json")
+    # Every unit at every iteration: four latencies per period where one would do.
+    Schedule(4, {name: (0, 1, 2, 3) for name in names}).to_json(tmp / "schedule.json")
     return [
         'train.algorithm="dreamddp"',
         f'train.schedule="{tmp / "schedule.json"}"',
@@ -46,15 +50,15 @@ def _profile_and_poor_schedule(tmp: Path, comm: CommModel | None = None) -> list
 @pytest.mark.timeout(300)
 def test_replanned_schedule_is_the_same_on_every_rank_and_survives_a_resume(tmp_path):
     setup = _profile_and_poor_schedule(tmp_path)
-    first = _torchrun(tmp_path, "first", setup + STEPS)
+    first = _torchrun(tmp_path, "first", setup + STEPS + SLOW_LINK)
     assert first.returncode == 0, first.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "first.jsonl").read_text().splitlines()]
     replans = [r for r in records if r.get("event") == "replan"]
     assert [r["step"] for r in replans] == [4, 8]  # every period boundary but the last
     assert all(r["observed_iterations"] == 4 for r in replans)
-    assert replans[0]["switched"]  # everything at the period's end was predicted slower than the plan
+    assert replans[0]["switched"]  # the starting schedule was predicted slower than the plan
 
-    # Both ranks run the same, re-planned schedule (not the local_sgd one they started with).
+    # Both ranks run the same, re-planned schedule (not the one they started with).
     saved = [_final_state(tmp_path / "first", rank)["schedule"] for rank in (0, 1)]
     assert saved[0] == saved[1]
     initial = Schedule.from_json(tmp_path / "schedule.json")
@@ -65,7 +69,7 @@ def test_replanned_schedule_is_the_same_on_every_rank_and_survives_a_resume(tmp_
     resumed_dir.mkdir()
     shutil.copytree(tmp_path / "first" / "step-00000008", resumed_dir / "step-00000008")
     (resumed_dir / "latest").write_text("step-00000008")
-    second = _torchrun(tmp_path, "resumed", setup + STEPS)
+    second = _torchrun(tmp_path, "resumed", setup + STEPS + SLOW_LINK)
     assert second.returncode == 0, second.stderr[-3000:]
     first_losses, second_losses = _losses(tmp_path / "first.jsonl"), _losses(tmp_path / "resumed.jsonl")
     assert {s: first_losses[s] for s in range(8, 12)} == second_losses

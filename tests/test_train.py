@@ -162,7 +162,10 @@ def test_single_process_without_torchrun(tmp_path):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("train.period=0", "train.period must be an integer >= 1, got 0"), ("train.link=fast", "malformed link 'fast'")],
+    [
+        ("train.period=0", "train.period must be an integer >= 1 or 'auto', got 0"),
+        ("train.link=fast", "malformed link 'fast'"),
+    ],
 )
 def test_bad_config_is_one_line_error_before_any_process_group(override, message):
     proc = subprocess.run(
