@@ -88,6 +88,7 @@ def test_replanning_needs_a_profile_and_dreamddp():
         TrainConfig(algorithm="plsgd", replan_every=2, profile="p.json")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_period_auto_is_chosen_from_the_profile_and_chosen_again_when_replanning(tmp_path):
     from dreamddp.planning import auto_period
