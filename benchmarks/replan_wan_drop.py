@@ -31,6 +31,7 @@ from dreamddp.planning import plan, simulate
 from dreamddp.planning.cli import reprice
 from dreamddp.planning.profile import Profile
 from dreamddp.tools.bench.run import BenchConfig, Cluster
+from dreamddp.tools.runner import read_summary
 
 OUT = Path(__file__).resolve().parent / "results" / "replan-wan-drop.md"
 
@@ -50,17 +51,9 @@ def watch_and_drop(log: Path, drop_at: int, name: str, rate: str, stop: threadin
         time.sleep(0.05)
 
 
-def iteration_times(log: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["iter_s"]
-        for r in (json.loads(line) for line in log.read_text().splitlines() if line.strip())
-        if "iter_s" in r and "loss" in r
-    }
-
-
-def final_period(log: Path) -> int:
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return int(records[-1]["summary"]["period"])
+def iteration_times(summary: dict) -> dict[int, float]:
+    """step -> seconds, from a run's records (``read_summary``)."""
+    return {r["step"]: r["iter_s"] for r in summary["records"] if "iter_s" in r and "loss" in r}
 
 
 def main() -> None:
@@ -129,8 +122,9 @@ def main() -> None:
                 finally:
                     stop.set()
                     watcher.join()
-                steps = iteration_times(log)
-                periods[variant].append(final_period(log))
+                summary = read_summary(log)
+                steps = iteration_times(summary)
+                periods[variant].append(int(summary["period"]))
                 before = statistics.mean(steps[s] for s in range(warmup, args.drop_at))
                 after = statistics.mean(steps[s] for s in range(after_from, args.steps))
                 times[variant].append((before, after))

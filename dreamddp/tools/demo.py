@@ -25,7 +25,7 @@ from typing import Any
 
 from dreamddp.planning import plan, simulate
 from dreamddp.planning.profile import Profile
-from dreamddp.tools.runner import TrainRunFailed, run_torchrun, torchrun
+from dreamddp.tools.runner import TrainRunFailed, median_run, run_torchrun, torchrun
 
 REPO = Path(__file__).resolve().parents[2]  # dreamddp/tools/demo.py -> the checkout
 DEFAULT_CONFIG = REPO / "configs" / "gpt-tiny.toml"
@@ -110,12 +110,6 @@ def run_algorithm(
         raise SystemExit(f"dreamddp demo: {algorithm} failed: {err}") from None
     summary.pop("records")
     return summary
-
-
-def median_run(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median time per iteration (the faster middle one for an even count)."""
-    ordered = sorted(summaries, key=lambda s: s["iter_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "repeats_iter_s": [s["iter_s"] for s in summaries]}
 
 
 def hidden_share(summary: dict[str, Any], compute_s: float) -> float | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainRunFailed", "run_torchrun", "torchrun"]
+__all__ = ["TrainRunFailed", "median_run", "read_summary", "run_torchrun", "torchrun"]
 
 
 class TrainRunFailed(RuntimeError):
@@ -82,8 +82,24 @@ def run_torchrun(
         args += ["--set", item]
     started = time.perf_counter()
     torchrun(args, nproc=nproc, timeout=timeout, cwd=cwd, max_restarts=max_restarts, env=env)
-    records = [json.loads(line) for line in Path(log).read_text().splitlines()]
-    summary = records[-1]["summary"]
+    summary = read_summary(log)
     summary["wall_s"] = time.perf_counter() - started
+    return summary
+
+
+def read_summary(log: str | os.PathLike[str]) -> dict[str, Any]:
+    """Rank 0's summary record of a finished run's JSONL log, with every record as ``records``."""
+    try:
+        records = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        summary = records[-1]["summary"]
+    except (OSError, ValueError, IndexError, KeyError):
+        raise TrainRunFailed(f"the run exited without writing a summary to {os.fspath(log)}") from None
     summary["records"] = records
     return summary
+
+
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time per iteration (the faster middle one for an even count),
+    plus every run's time as ``repeats_iter_s``: how repeated, interleaved runs are reported."""
+    ordered = sorted(runs, key=lambda r: r["iter_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats_iter_s": [r["iter_s"] for r in runs]}

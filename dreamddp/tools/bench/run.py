@@ -40,7 +40,7 @@ from dreamddp.tools.bench.names import (
     PLANNED,
     RESULTS_FORMAT,
 )
-from dreamddp.tools.runner import TrainRunFailed, torchrun
+from dreamddp.tools.runner import TrainRunFailed, median_run, read_summary, torchrun
 from dreamddp.training.config import load_config
 from dreamddp.validation import is_int, require
 
@@ -191,16 +191,6 @@ def _module_args(module: str, config: str, overrides: Sequence[str], *extra: str
     return [*args, *extra]
 
 
-def _read_summary(log: Path) -> dict[str, Any]:
-    try:
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        summary = records[-1]["summary"]
-    except (OSError, ValueError, IndexError, KeyError):
-        raise TrainRunFailed(f"the run exited without writing a summary to {log}") from None
-    summary["records"] = records
-    return summary
-
-
 def _plan(
     profile_path: Path, period: int, folder: Path, tag: str
 ) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
@@ -245,14 +235,6 @@ def _run_row(summary: dict[str, Any], algorithm: str, predicted: float | None) -
         "val_loss": summary["val_loss"],
         "note": summary.get("note", ""),
     }
-
-
-def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repeat with the median time per iteration, plus every repeat's time."""
-    ordered = sorted(rows, key=lambda r: r["iter_s"])
-    row = dict(ordered[(len(ordered) - 1) // 2])
-    row["repeats_iter_s"] = [r["iter_s"] for r in rows]
-    return row
 
 
 def _profile_and_plan(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag: str):
@@ -305,14 +287,14 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                     cluster.run_module(
                         _module_args("dreamddp.train", config, overrides), f"train-{tag}-{algorithm}-r{repeat}"
                     )
-                    row = _run_row(_read_summary(log), algorithm, predicted.get(algorithm))
+                    row = _run_row(read_summary(log), algorithm, predicted.get(algorithm))
                     rows[algorithm].append(row)
                     print(
                         f"  {algorithm:<15} {row['iter_s']:.4f} s/it (predicted {row['predicted_iter_s'] or float('nan'):.4f}),"
                         f" val loss {row['val_loss']:.3f}  [{time.perf_counter() - started:.0f} s]",
                         flush=True,
                     )
-            entry["runs"] = [_median_row(rows[a]) for a in cfg.algorithms]
+            entry["runs"] = [median_run(rows[a]) for a in cfg.algorithms]
         results["links"].append(entry)
         _write(out / "results.json", results)
     return results
@@ -357,7 +339,7 @@ def run_convergence(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                     # S-SGD's training time is the budget; a faster method spends it on more iterations.
                     overrides += [f"train.steps={cfg.steps * 8}", f"train.time_budget_s={model['budget_s']}"]
                 cluster.run_module(_module_args("dreamddp.train", config, overrides), f"conv-{tag}-{algorithm}")
-                summary = _read_summary(log)
+                summary = read_summary(log)
                 if algorithm == "ssgd":
                     model["budget_s"] = summary["train_time_s"]
                 model["runs"].append(
