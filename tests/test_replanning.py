@@ -120,7 +120,9 @@ def test_a_failed_replan_keeps_the_schedule_and_says_why(tmp_path):
     _profile_and_poor_schedule(tmp_path)
     schedule = Schedule.from_json(tmp_path / "schedule.json")
     switched = []
+    cfg = load_config(REPO / "configs" / "gpt-tiny.toml", TINY_GPT)
     strategy = SimpleNamespace(
+        raw_model=build_model(cfg.model_name, cfg.model_options),
         schedule=schedule,
         period=4,
         cfg=SimpleNamespace(period=4),

@@ -81,3 +81,15 @@ def rank_zero_value(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def rank_zero_object(compute: Callable[[], T]) -> T:
+    """Rank 0's ``compute()`` on every rank: computed there only, then broadcast (a decision all
+    ranks must share, such as a re-planned schedule). ``compute`` must not raise, or the other
+    ranks wait for a broadcast that never comes: catch on rank 0 and return what happened."""
+    if not dist.is_initialized():
+        return compute()
+    box: list[Any] = [compute() if dist.get_rank() == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return cast(T, box[0])

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from dreamddp.core.schedule import Schedule
 from dreamddp.planning import auto_period, plan, simulate
 from dreamddp.planning.profile import Profile
+from dreamddp.training.distributed import rank_zero_object
+from dreamddp.training.schedules import check_profile_units
 from profiler.observed import refresh
 
 __all__ = ["Replanner"]
@@ -43,7 +44,7 @@ class Replanner:
             # Every re-plan refreshes this profile (not the last refresh): a resumed job, which
             # starts again from the file, then plans exactly as the uninterrupted one would.
             self.profile = Profile.from_json(profile_path)
-            strategy.schedule.check_units(self.profile.names)  # the profile's units are the model's
+            check_profile_units(self.profile, strategy.raw_model)
         except (OSError, ValueError) as err:
             raise ValueError(f"train.profile {profile_path!r} cannot seed re-planning: {err}") from None
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -64,15 +65,7 @@ class Replanner:
         """
         if not self.due():
             return None
-        payload: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                payload[0] = self._plan_from_observations()
-            except (ValueError, RuntimeError, ArithmeticError) as err:
-                payload[0] = {"error": f"{type(err).__name__}: {err}"}
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(payload, src=0, device=_object_device())
-        record = payload[0]
+        record = rank_zero_object(self._plan_or_error)
         summary: dict[str, Any] = {key: value for key, value in record.items() if key != "schedule"}
         summary["step"] = steps_done
         if "error" in record:
@@ -97,6 +90,12 @@ class Replanner:
             )
         return {"event": "replan", **summary}
 
+    def _plan_or_error(self) -> dict[str, Any]:
+        try:
+            return self._plan_from_observations()
+        except (ValueError, RuntimeError, ArithmeticError) as err:
+            return {"error": f"{type(err).__name__}: {err}"}
+
     def _plan_from_observations(self) -> dict[str, Any]:
         observed = self.strategy.observed_timings()[-self.every * self.strategy.period :]
         refreshed = refresh(self.profile, observed)
@@ -115,10 +114,3 @@ class Replanner:
             "alpha_s": refreshed.comm.alpha_s if refreshed.comm is not None else None,
             "beta_s_per_byte": refreshed.comm.beta_s_per_byte if refreshed.comm is not None else None,
         }
-
-
-def _object_device() -> torch.device:
-    """Where broadcast_object_list stages its bytes: the backend's device (CPU for gloo)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -18,7 +18,7 @@ from dreamddp.planning.profile import Profile
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.strategies import SCHEDULED
 
-__all__ = ["resolve_schedule"]
+__all__ = ["check_profile_units", "resolve_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def resolve_schedule(cfg: ExperimentConfig, model: nn.Module, world_size: int) -
     return schedule
 
 
-def _check_profile_units(profile: Profile, model: nn.Module) -> None:
+def check_profile_units(profile: Profile, model: nn.Module) -> None:
     """A profile plans only for the model it measured: the same sync units, by name."""
     model_names = [u.name for u in sync_units(model)]
     extra = sorted(set(profile.names) - set(model_names))
@@ -74,7 +74,7 @@ def _auto_schedule(cfg: ExperimentConfig, model: nn.Module) -> Schedule:
     tc = cfg.train
     try:
         profile = Profile.from_json(tc.profile)
-        _check_profile_units(profile, model)
+        check_profile_units(profile, model)
     except (OSError, ValueError) as err:
         raise ValueError(f"train.profile {tc.profile!r} cannot choose train.period='auto': {err}") from None
     overlap = tc.overlap or "backward"

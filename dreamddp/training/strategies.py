@@ -36,7 +36,7 @@ from torch.distributed.optim import PostLocalSGDOptimizer
 from dreamddp.core.agreement import check_frozen
 from dreamddp.core.collectives import average_tensors
 from dreamddp.core.ddp import DreamDDP
-from dreamddp.core.schedule import Schedule
+from dreamddp.core.schedule import SCHEDULE_FORMAT, Schedule
 from dreamddp.core.timing import ObservedIteration
 from dreamddp.core.units import sync_units
 from dreamddp.emulation.link import SimulatedLink, sleep_until
@@ -426,13 +426,8 @@ def _rank() -> int:
 
 
 def schedule_from_record(record: dict[str, Any]) -> Schedule:
-    """The schedule a checkpoint's ``schedule_record`` describes."""
-    return Schedule(
-        int(record["period"]),
-        {name: tuple(its) for name, its in record["assignment"].items()},
-        delays=dict(record.get("delays") or {}),
-        overlap=str(record.get("overlap") or "backward"),
-    )
+    """The schedule a checkpoint's ``schedule_record`` describes (the schedule file's fields)."""
+    return Schedule.from_dict({"format": SCHEDULE_FORMAT, **record}, source="the checkpoint's schedule")
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {
