@@ -69,6 +69,35 @@ def loss_of(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out, target)
 
 
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, kind: str, rank: int, steps: int) -> None:
+    """``steps`` plain iterations on ``make_batch``'s data for this rank: zero_grad, loss, backward, step."""
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = make_batch(kind, rank, step)
+        loss_of(kind, model(x), y).backward()
+        opt.step()
+
+
+def every_step_beside_ddp(
+    base: nn.Module, kind: str, rank: int, steps: int, same_data: bool
+) -> tuple[nn.parallel.DistributedDataParallel, nn.Module]:
+    """torch DDP and DreamDDP with every unit every step, from copies of ``base``, stepped in turn
+    on the same batches with SGD (lr 0.1): (ddp, dreamddp), for S-SGD parity checks."""
+    from dreamddp import DreamDDP
+
+    ref = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+    ours = DreamDDP(copy.deepcopy(base), Schedule.every_step([u.name for u in sync_units(base)]))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for step in range(steps):
+        x, y = make_batch(kind, rank, step, same_data=same_data)
+        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
+            opt.zero_grad()
+            loss_of(kind, model(x), y).backward()
+            opt.step()
+    return ref, ours
+
+
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.05)

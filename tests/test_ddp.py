@@ -17,6 +17,7 @@ from .nets import (
     MLP,
     ScrambledMLP,
     TiedLM,
+    every_step_beside_ddp,
     loss_of,
     make_batch,
     make_optimizer,
@@ -69,17 +70,7 @@ def _unit_problems(ddp: DreamDDP, before: dict, scheduled, step: int) -> list[st
 # --------------------------------------------------------------------------- S-SGD parity
 def _every_step_vs_ddp(rank: int, world: int, same_data: bool) -> dict:
     torch.manual_seed(0)
-    base = MLP()
-    ref = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-    ours = DreamDDP(copy.deepcopy(base), Schedule.every_step([u.name for u in sync_units(base)]))
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
-    for step in range(6):
-        x, y = make_batch("vector", rank, step, same_data=same_data)
-        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
-            opt.zero_grad()
-            loss_of("vector", model(x), y).backward()
-            opt.step()
+    ref, ours = every_step_beside_ddp(MLP(), "vector", rank, 6, same_data)
     diff = max((a - b).abs().max().item() for a, b in zip(ref.module.parameters(), ours.module.parameters()))
     del ref
     dist.barrier()

@@ -28,7 +28,7 @@ from dreamddp.emulation.link import link_from_settings
 from dreamddp.training.models import build_model
 
 from .dist_utils import run_workers
-from .nets import TiedLM, loss_of, make_batch, make_optimizer, reference_partial_local_sgd
+from .nets import TiedLM, loss_of, make_batch, make_optimizer, reference_partial_local_sgd, train_steps
 
 
 class Parent(nn.Module):
@@ -227,11 +227,7 @@ def _passes(rank: int, world: int) -> dict:
     ddp = DreamDDP(model, schedule)
     opt = make_optimizer("momentum", model.parameters())
     ddp.register_optimizer(opt)
-    for step in range(5):
-        opt.zero_grad()
-        x, y = make_batch("lm", rank, step)
-        loss_of("lm", ddp(x), y).backward()
-        opt.step()
+    train_steps(ddp, opt, "lm", rank, 5)
     ddp.flush()
     reference = reference_partial_local_sgd(TiedReadLM, schedule, world, 5, "momentum", "lm")[rank]
     out["tied_read_diff"] = max((model.state_dict()[k] - reference[k]).abs().max().item() for k in reference)

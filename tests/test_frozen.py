@@ -15,7 +15,7 @@ from dreamddp.training.models import build_model
 from dreamddp.training.strategies import build_strategy
 
 from .dist_utils import run_workers
-from .nets import MLP, TiedLM, loss_of, make_batch
+from .nets import MLP, TiedLM, loss_of, make_batch, train_steps
 from .test_ddp import CountingAllReduce
 
 TINY_GPT = {"vocab_size": 256, "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 32}
@@ -143,11 +143,7 @@ def _frozen_never_sent(rank: int, world: int) -> dict:
     forward = DreamDDP(forward_model, Schedule.every_step(names), overlap="forward")
     forward_opt = torch.optim.SGD([p for p in forward_model.parameters() if p.requires_grad], lr=0.1)
     forward.register_optimizer(forward_opt)
-    for step in range(2):
-        forward_opt.zero_grad()
-        x, y = make_batch("vector", rank, step)
-        loss_of("vector", forward(x), y).backward()
-        forward_opt.step()
+    train_steps(forward, forward_opt, "vector", rank, 2)
     forward.flush()
     return {
         "problems": problems,

@@ -28,7 +28,13 @@ from dreamddp.training.models import build_model, model_config, model_task
 from dreamddp.training.models.hf import PRESETS, HFCausalLM
 
 from .dist_utils import run_workers
-from .nets import loss_of, make_batch, make_optimizer, random_schedule, reference_partial_local_sgd
+from .nets import (
+    every_step_beside_ddp,
+    make_optimizer,
+    random_schedule,
+    reference_partial_local_sgd,
+    train_steps,
+)
 
 REPO = Path(__file__).parents[1]
 TINY = {"gpt2": {"preset": "gpt2-tiny"}, "llama": {"preset": "llama-tiny"}}
@@ -58,26 +64,13 @@ def _worker(rank: int, world: int, jobs: dict[str, list[tuple[Schedule, str]]]) 
             model = _build(options)
             ddp = DreamDDP(model, schedule)
             opt = make_optimizer(optimizer, model.parameters())
-            for step in range(STEPS):
-                opt.zero_grad()
-                x, y = make_batch("lm", rank, step)
-                loss_of("lm", ddp(x), y).backward()
-                opt.step()
+            train_steps(ddp, opt, "lm", rank, STEPS)
             finals.append({k: v.clone() for k, v in model.state_dict().items()})
         # Every unit every step on identical data: torch DDP's trajectory.
         torch.manual_seed(0)
         base = _build(options)
         initial = copy.deepcopy(base.state_dict())
-        ref = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-        ours = DreamDDP(copy.deepcopy(base), Schedule.every_step([u.name for u in sync_units(base)]))
-        opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
-        opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
-        for step in range(4):
-            x, y = make_batch("lm", rank, step, same_data=True)
-            for model, opt in ((ref, opt_ref), (ours, opt_ours)):
-                opt.zero_grad()
-                loss_of("lm", model(x), y).backward()
-                opt.step()
+        ref, ours = every_step_beside_ddp(base, "lm", rank, 4, same_data=True)
         pairs = list(zip(ref.module.state_dict().items(), ours.module.state_dict().items()))
         out[family] = {
             "finals": finals,
