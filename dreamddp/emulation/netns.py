@@ -217,20 +217,16 @@ def _tbf_args(bps: float, mtu: int = 1500) -> list[str]:
     return ["tbf", "rate", _tc_rate(bps), "burst", str(burst), "latency", "50ms"]
 
 
+def _netem_args(link: LinkSpec) -> list[str]:
+    """netem's delay and rate for ``link`` (where the kernel has netem)."""
+    return ["netem", "delay", f"{link.latency_s * 1e3:g}ms", "rate", _tc_rate(link.bandwidth_bps), "limit", "100000"]
+
+
 def _shape_wan(spec: ClusterSpec, namespace: str) -> str:
     """Shape a site's uplink; return the delay mode actually in force."""
     link = spec.wan_link
     if link.latency_s > 0:
-        netem = [
-            "netem",
-            "delay",
-            f"{link.latency_s * 1e3:g}ms",
-            "rate",
-            _tc_rate(link.bandwidth_bps),
-            "limit",
-            "100000",
-        ]
-        proc = _tc(namespace, "qdisc", "add", "dev", WAN_IFACE, "root", *netem, check=False)
+        proc = _tc(namespace, "qdisc", "add", "dev", WAN_IFACE, "root", *_netem_args(link), check=False)
         if proc.returncode == 0:
             return "kernel netem"
         if "unknown" not in proc.stderr.lower():
@@ -347,10 +343,7 @@ def shape(name: str, wan: str, wan_delay: str | None = None) -> tuple[ClusterSta
     spec = dataclasses.replace(old, wan=wan, wan_delay=old.wan_delay if wan_delay is None else wan_delay)
 
     def qdisc(link: LinkSpec) -> list[str]:
-        if state.delay_mode == "kernel netem":
-            delay = f"{link.latency_s * 1e3:g}ms"
-            return ["netem", "delay", delay, "rate", _tc_rate(link.bandwidth_bps), "limit", "100000"]
-        return _tbf_args(link.bandwidth_bps)
+        return _netem_args(link) if state.delay_mode == "kernel netem" else _tbf_args(link.bandwidth_bps)
 
     changed: list[str] = []
     for site in range(spec.sites):
