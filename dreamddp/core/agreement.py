@@ -46,6 +46,7 @@ class _Claim:
     overlap: str
     delays: dict[str, int]
     frozen: list[Frozen] = field(default_factory=list)  # frozen parameters, in registration order
+    sync: str = "average"  # SyncOptions.describe(): the arithmetic and the collectives of a sync
 
 
 def digest_weights(device: torch.device) -> torch.Tensor:
@@ -123,7 +124,11 @@ def check_frozen(units: SyncUnits, group: dist.ProcessGroup | None = None) -> No
 
 
 def check_agreement(
-    units: Sequence[SyncUnit], schedule: Schedule, group: dist.ProcessGroup | None, overlap: str = "backward"
+    units: Sequence[SyncUnit],
+    schedule: Schedule,
+    group: dist.ProcessGroup | None,
+    overlap: str = "backward",
+    sync: str = "average",
 ) -> None:
     """Raise the same one-line error on every rank unless all agree on model and schedule.
 
@@ -143,6 +148,7 @@ def check_agreement(
         overlap=overlap,
         delays=dict(schedule.delays),
         frozen=_frozen_claims(units.frozen if isinstance(units, SyncUnits) else (), dist.get_world_size(group)),
+        sync=sync,
     )
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
@@ -167,6 +173,11 @@ def check_agreement(
             raise ValueError(
                 f"overlap differs across ranks: rank {rank} uses {theirs.overlap!r}, rank 0 "
                 f"{reference.overlap!r}; every rank must wrap the model the same way"
+            )
+        if theirs.sync != reference.sync:
+            raise ValueError(
+                f"sync differs across ranks: rank {rank} uses {theirs.sync!r}, rank 0 {reference.sync!r}; "
+                "every rank must synchronize the same way"
             )
         if (theirs.period, theirs.assignment, theirs.delays) != (
             reference.period,

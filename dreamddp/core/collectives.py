@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dreamddp.core.buckets import pack_in_order
 from dreamddp.emulation.link import Booking, SimulatedLink, sleep_until
 
-__all__ = ["ActiveRanks", "BucketAverage", "average_op", "average_tensors", "pack_buckets"]
+__all__ = ["ActiveRanks", "BucketAverage", "BucketSync", "average_op", "average_tensors", "pack_buckets"]
 
 
 def average_op(group: dist.ProcessGroup | None) -> tuple[dist.ReduceOp.RedOpType, bool]:
@@ -68,7 +68,53 @@ class ActiveRanks:
         return self._count
 
 
-class BucketAverage:
+class BucketSync:
+    """One bucket's synchronization in flight; ``wait()`` finishes it, writing the synchronized values.
+
+    What every kind shares (plain averages here, delta syncs in ``dreamddp.core.delta``): its
+    ``dist.Work``, the simulated link's booking that delays it like a slow network, and, with
+    ``track_done``, the host time its result became usable, for ``record_timings``.
+    """
+
+    def __init__(
+        self, work: dist.Work, nbytes: int, device: torch.device, link: SimulatedLink | None, track_done: bool
+    ) -> None:
+        self.work = work
+        self.nbytes = nbytes  # priced as the all-reduce payload with the same wire traffic
+        self.booking = link.book(nbytes) if link is not None else None
+        self.done_ns: int | None = None  # host time the result became usable (track_done, CPU)
+        if link is not None and self.booking is not None:
+            link.track(work, self.booking)
+        if track_done and device.type == "cpu":
+            work.get_future().add_done_callback(self._mark_done)
+
+    def _mark_done(self, _fut: torch.futures.Future) -> None:
+        finished = time.perf_counter_ns()
+        if self.booking is None:
+            self.done_ns = finished
+        else:  # usable at the link's release (which may wait for an earlier collective)
+            self.booking.when_released(lambda release: setattr(self, "done_ns", max(finished, int(release * 1e9))))
+
+    def is_ready(self) -> bool:
+        """The result may be used now without blocking (the simulated link's release included)."""
+        if not self.work.is_completed():
+            return False
+        if self.booking is None:
+            return True
+        release = self.booking.release
+        return release is not None and time.perf_counter() >= release
+
+    def wait(self) -> None:
+        raise NotImplementedError
+
+    def wait_wire(self) -> None:
+        """Block until the collective is done and the simulated link has released it."""
+        self.work.wait()
+        if self.booking is not None:
+            sleep_until(self.booking.wait_release())
+
+
+class BucketAverage(BucketSync):
     """One bucket's asynchronous in-place average; ``wait()`` finishes it.
 
     Launch coalesces the tensors into a flat buffer (or uses the single tensor itself) and
@@ -88,7 +134,6 @@ class BucketAverage:
         divisor: ActiveRanks | None = None,
     ) -> None:
         self.tensors = list(tensors)
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
         self._inplace = len(self.tensors) == 1 and self.tensors[0].is_contiguous()
         if self._inplace:
             self.buffer = self.tensors[0]
@@ -100,34 +145,12 @@ class BucketAverage:
             op, self._divide = dist.ReduceOp.SUM, True
         self.divisor = divisor
         self._world = dist.get_world_size(group)
-        self.work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
-        self.booking = link.book(self.nbytes) if link is not None else None
-        self.done_ns: int | None = None  # host time the result became usable (track_done, CPU)
-        if link is not None and self.booking is not None:
-            link.track(self.work, self.booking)
-        if track_done and self.buffer.device.type == "cpu":
-            self.work.get_future().add_done_callback(self._mark_done)
-
-    def _mark_done(self, _fut: torch.futures.Future) -> None:
-        finished = time.perf_counter_ns()
-        if self.booking is None:
-            self.done_ns = finished
-        else:  # usable at the link's release (which may wait for an earlier collective)
-            self.booking.when_released(lambda release: setattr(self, "done_ns", max(finished, int(release * 1e9))))
-
-    def is_ready(self) -> bool:
-        """The result may be used now without blocking (the simulated link's release included)."""
-        if not self.work.is_completed():
-            return False
-        if self.booking is None:
-            return True
-        release = self.booking.release
-        return release is not None and time.perf_counter() >= release
+        work = dist.all_reduce(self.buffer, op=op, group=group, async_op=True)
+        nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        super().__init__(work, nbytes, self.buffer.device, link, track_done)
 
     def wait(self) -> None:
-        self.work.wait()
-        if self.booking is not None:
-            sleep_until(self.booking.wait_release())
+        self.wait_wire()
         if self._divide:
             self.buffer.div_(self._world if self.divisor is None else self.divisor.count())
         if not self._inplace:

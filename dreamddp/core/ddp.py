@@ -42,6 +42,8 @@ from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from dreamddp.core.agreement import check_agreement
 from dreamddp.core.collectives import BucketAverage
+from dreamddp.core.compress import check_world
+from dreamddp.core.delta import DeltaState
 from dreamddp.core.extra_state import export_extra_state, restore_extra_state
 from dreamddp.core.forward_reads import FORWARDS_CHECKED, ForwardReads
 from dreamddp.core.join import DreamDDPJoinHook, join_device
@@ -50,6 +52,7 @@ from dreamddp.core.observer import TIMINGS_KEPT, TimingObserver
 from dreamddp.core.reducer import BackwardReport, Reducer
 from dreamddp.core.schedule import OVERLAPS, Schedule
 from dreamddp.core.state import SyncState, initial_order
+from dreamddp.core.sync_options import SyncOptions
 from dreamddp.core.timing import ObservedIteration
 from dreamddp.core.units import SyncUnit, sync_units
 from dreamddp.emulation.link import SimulatedLink
@@ -72,6 +75,7 @@ class IterationStats:
     forward_stall_s: float = 0.0  # blocked before units' forward (overlap="forward")
     forward_events: list[tuple[str, str, int, int]] = field(default_factory=list)  # (kind, units, start_ns, end_ns)
     snapshot_bytes: int = 0  # extra memory held for delayed averages after this backward
+    sync_state_bytes: int = 0  # sync="delta": anchors, outer momentum and residuals held
 
     @classmethod
     def of(
@@ -81,6 +85,7 @@ class IterationStats:
         stall_s: float,
         events: list[tuple[str, str, int, int]],
         snapshot_bytes: int,
+        sync_state_bytes: int = 0,
     ) -> IterationStats:
         """The statistics of the backward ``report`` describes, with the forward stalls before it."""
         return cls(
@@ -94,6 +99,7 @@ class IterationStats:
             forward_stall_s=stall_s,
             forward_events=events,
             snapshot_bytes=snapshot_bytes,
+            sync_state_bytes=sync_state_bytes,
         )
 
 
@@ -118,6 +124,11 @@ class DreamDDP(nn.Module, Joinable):
             the next iteration, so communication also hides behind the optimizer step and the
             next forward. Needs ``register_optimizer(optimizer)``. Also enables the schedule's
             ``delays``. None: what the schedule was planned for (``schedule.overlap``).
+        sync: ``"average"`` (the paper, default): a scheduled unit's weights become their mean.
+            ``"delta"`` or a ``SyncOptions``: each unit keeps an anchor; its mean pseudo-gradient
+            (anchor − weights, optionally compressed with error feedback) steps the anchor
+            through an outer optimizer (DiLoCo's Nesterov, per unit), and the weights become the
+            new anchor. Same hooks, same overlap, same schedule (``dreamddp.core.sync_options``).
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class DreamDDP(nn.Module, Joinable):
         broadcast_from_rank0: bool = True,
         record_timings: bool = False,
         overlap: str | None = None,
+        sync: str | SyncOptions = "average",
     ) -> None:
         super().__init__()
         Joinable.__init__(self)  # torch's Join([ddp]) for uneven inputs (dreamddp.core.join)
@@ -144,6 +156,7 @@ class DreamDDP(nn.Module, Joinable):
                 f"the schedule delays {len(schedule.delays)} units, which needs overlap='forward', got {overlap!r}"
             )
         positive_number("bucket_cap_mb", bucket_cap_mb)
+        self.sync = SyncOptions.of(sync)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "DreamDDP needs an initialised process group: call torch.distributed.init_process_group() first"
@@ -153,14 +166,17 @@ class DreamDDP(nn.Module, Joinable):
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.link = link
         self.overlap = overlap
+        if self.sync.delta:
+            check_world(self.sync.compress, dist.get_world_size(self.process_group))
         units = sync_units(module)
-        check_agreement(units, schedule, self.process_group, overlap)
+        check_agreement(units, schedule, self.process_group, overlap, sync=self.sync.describe())
         self._state = SyncState(module, schedule, self.bucket_cap_bytes, initial_order(units))
         if broadcast_from_rank0:
             src = dist.get_global_rank(self.process_group, 0)
             for chunk in self._state.chunks():
                 dist.broadcast(chunk, src=src, group=self.process_group)
-        self.last_stats = IterationStats()
+        self._delta = DeltaState(self._state, self.sync, self.process_group) if self.sync.delta else None
+        self.last_stats = IterationStats(sync_state_bytes=self.sync_state_bytes)
         self.total_bytes_sent = 0
         self._observer: TimingObserver | None = None
         if record_timings:
@@ -182,6 +198,7 @@ class DreamDDP(nn.Module, Joinable):
             observer=self._observer,
             on_finish=finished,
             joinable=wrapper,
+            delta=self._delta,
         )
 
     # ------------------------------------------------------------------ API
@@ -215,6 +232,11 @@ class DreamDDP(nn.Module, Joinable):
             self._state.lay_out()  # something (model.to(), load_state_dict(assign=True)) moved the storage
 
     def join_hook(self, **kwargs: Any) -> JoinHook:  # with Join([ddp]): see dreamddp.core.join
+        if self._delta is not None:  # a joined rank would miss anchor updates: anchors must stay equal
+            raise ValueError(
+                "Join([ddp]) with sync='delta' is not supported: a rank that runs out of data would miss "
+                "the anchor updates every rank must share; give every rank the same number of batches"
+            )
         return DreamDDPJoinHook(self, **kwargs)
 
     @property
@@ -258,6 +280,11 @@ class DreamDDP(nn.Module, Joinable):
     def snapshot_bytes(self) -> int:
         """Extra memory now held for delayed averages (snapshot + reduction buffer)."""
         return self._landing.snapshot_bytes
+
+    @property
+    def sync_state_bytes(self) -> int:
+        """Extra memory held by ``sync="delta"`` (anchors, outer momentum, residuals); 0 when averaging."""
+        return self._delta.nbytes if self._delta is not None else 0
 
     @property
     def schedule(self) -> Schedule:
@@ -320,10 +347,10 @@ class DreamDDP(nn.Module, Joinable):
         return super().state_dict(*args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return export_extra_state(self._state, self._landing)
+        return export_extra_state(self._state, self._landing, self._delta)
 
     def set_extra_state(self, state: Any) -> None:
-        restore_extra_state(state, self._state, self._landing, self._reducer)
+        restore_extra_state(state, self._state, self._landing, self._reducer, self._delta)
 
     def observed_timings(self) -> list[ObservedIteration]:
         """What the last (up to TIMINGS_KEPT) synchronising iterations really did, in seconds.
@@ -343,7 +370,9 @@ class DreamDDP(nn.Module, Joinable):
     def _finished(self, report: BackwardReport) -> None:
         """The reducer finished a synchronising backward: keep its statistics."""
         stall_s, events = self._landing.take_stalls()
-        self.last_stats = IterationStats.of(report, self._state.schedule, stall_s, events, self._landing.snapshot_bytes)
+        self.last_stats = IterationStats.of(
+            report, self._state.schedule, stall_s, events, self._landing.snapshot_bytes, self.sync_state_bytes
+        )
         self.total_bytes_sent += report.bytes_sent
 
 

@@ -1,4 +1,4 @@
-"""The wrapper's own part of a checkpoint: iteration, bucket order, delayed averages in flight.
+"""The wrapper's own part of a checkpoint: iteration, bucket order, delayed averages in flight, delta state.
 
 ``DreamDDP.state_dict()`` carries it as the module's extra state, so a checkpoint of the
 wrapped model resumes the wrapper exactly. The bucket order is part of it because buckets
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dreamddp.core.delta import DeltaState
 from dreamddp.core.landing import Landing
 from dreamddp.core.reducer import Reducer
 from dreamddp.core.state import SyncState
@@ -18,10 +19,11 @@ from dreamddp.core.state import SyncState
 __all__ = ["export_extra_state", "restore_extra_state"]
 
 
-def export_extra_state(state: SyncState, landing: Landing) -> dict[str, Any]:
+def export_extra_state(state: SyncState, landing: Landing, delta: DeltaState | None = None) -> dict[str, Any]:
     """Plain values only: the checkpoint is loaded with ``weights_only``."""
-    delayed = landing.export()
+    delayed = landing.export()  # first: finishing a delayed delta sync steps its anchors
     return {
+        "delta": delta.export() if delta is not None else None,
         "iteration": state.iteration,
         "origin": state.origin,
         "period": state.schedule.period,
@@ -30,7 +32,9 @@ def export_extra_state(state: SyncState, landing: Landing) -> dict[str, Any]:
     }
 
 
-def restore_extra_state(saved: Any, state: SyncState, landing: Landing, reducer: Reducer) -> None:
+def restore_extra_state(
+    saved: Any, state: SyncState, landing: Landing, reducer: Reducer, delta: DeltaState | None = None
+) -> None:
     """Check ``saved`` against this wrapper (one-line ValueErrors), then adopt it."""
     period = state.schedule.period
     if not isinstance(saved, dict) or not isinstance(saved.get("iteration"), int) or saved["iteration"] < 0:
@@ -51,5 +55,9 @@ def restore_extra_state(saved: Any, state: SyncState, landing: Landing, reducer:
         raise ValueError(f"DreamDDP state has an invalid period origin {origin!r} (iteration {saved['iteration']})")
     state.iteration = saved["iteration"]
     state.origin = origin
-    landing.discard()
+    if delta is None and saved.get("delta") is not None:
+        raise ValueError("checkpoint was written with sync='delta' (anchors, outer optimizer); this DreamDDP averages")
+    landing.discard()  # finishes what is on the wire (stepping anchors) before they are replaced
+    if delta is not None:
+        delta.restore(saved.get("delta"))
     landing.restore(saved.get("delayed", []))

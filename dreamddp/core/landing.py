@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd.grad_mode import _unsafe_preserve_version_counter
 
 from dreamddp.core.buckets import Bucket
-from dreamddp.core.collectives import BucketAverage
+from dreamddp.core.collectives import BucketSync
 from dreamddp.core.deferred import DeferredSteps
 from dreamddp.core.flat import FlatLayout
 from dreamddp.core.state import SyncState
@@ -53,7 +53,7 @@ class InFlight:
     in place and land as a whole.
     """
 
-    average: BucketAverage | None  # None: restored from a checkpoint, already finished
+    average: BucketSync | None  # None: restored from a checkpoint, already finished
     bucket: Bucket
     launched: int  # the iteration whose backward launched it
     delays: dict[int, int]  # unit -> delay

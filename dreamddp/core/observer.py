@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dreamddp.core.buckets import Bucket
-from dreamddp.core.collectives import BucketAverage
+from dreamddp.core.collectives import BucketSync
 from dreamddp.core.timing import Clock, ObservedBucket, ObservedIteration
 
 __all__ = ["TIMINGS_KEPT", "TimingObserver"]
@@ -26,7 +26,7 @@ TIMINGS_KEPT = 1024  # iterations of observed timings a wrapper keeps (record_ti
 @dataclass
 class _RawBucket:
     units: list[str]  # in registration order
-    average: BucketAverage  # its finish time (CPU) arrives on the average's future
+    average: BucketSync  # its finish time (CPU) arrives on the average's future
     launch: Any  # mark
 
 
@@ -68,7 +68,7 @@ class TimingObserver:
         self._launches.append(self.clock.mark())
 
     def backward_finished(
-        self, iteration: int, phase: int, names: Sequence[str], launched: Sequence[tuple[Bucket, BucketAverage]]
+        self, iteration: int, phase: int, names: Sequence[str], launched: Sequence[tuple[Bucket, BucketSync]]
     ) -> None:
         """Keep this backward's raw marks; ``names``: unit id -> name."""
         end = self.clock.mark()

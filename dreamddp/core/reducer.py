@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable
 
-from dreamddp.core.collectives import ActiveRanks, BucketAverage
+from dreamddp.core.buckets import Bucket
+from dreamddp.core.collectives import ActiveRanks, BucketAverage, BucketSync
+from dreamddp.core.delta import BucketDelta, DeltaState
 from dreamddp.core.join import active_ranks
 from dreamddp.core.landing import InFlight, Landing, unit_slices
 from dreamddp.core.observer import TimingObserver
@@ -59,8 +61,10 @@ class Reducer:
         observer: TimingObserver | None,
         on_finish: Callable[[BackwardReport], None],
         joinable: Callable[[], Joinable | None] = lambda: None,
+        delta: DeltaState | None = None,
     ) -> None:
         self.state = state
+        self.delta = delta  # sync="delta": buckets send pseudo-gradients and step anchors
         self.landing = landing
         self.group = group
         self.link = link
@@ -147,9 +151,7 @@ class Reducer:
             if any(delays.values()):
                 # The live weights train on while this average is in flight: reduce a copy.
                 snapshot, reduced = view.clone(), view.clone()
-                average = BucketAverage(
-                    [reduced], self.group, self.link, track_done=self.observer is not None, divisor=self._divisor
-                )
+                average = self._sync(reduced, bucket)
                 inflight = InFlight(
                     average,
                     bucket,
@@ -160,12 +162,16 @@ class Reducer:
                     offsets=unit_slices(bucket, state.layout),
                 )
             else:
-                average = BucketAverage(
-                    [view], self.group, self.link, track_done=self.observer is not None, divisor=self._divisor
-                )
-                inflight = InFlight(average, bucket, state.iteration, delays)
+                inflight = InFlight(self._sync(view, bucket), bucket, state.iteration, delays)
             self._launched.append(inflight)
             self._next_bucket += 1
+
+    def _sync(self, target: torch.Tensor, bucket: Bucket) -> BucketSync:
+        """Launch ``bucket``'s collective on ``target``: an average, or a delta sync (``sync="delta"``)."""
+        track = self.observer is not None
+        if self.delta is not None:
+            return BucketDelta(target, bucket, self.delta, self.group, self.link, track_done=track)
+        return BucketAverage([target], self.group, self.link, track_done=track, divisor=self._divisor)
 
     @torch.no_grad()
     def _finish_backward(self) -> None:

@@ -10,6 +10,7 @@ communicates, so the plans can be built — and tested — without a process gro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,7 +20,13 @@ from dreamddp.core.flat import FlatLayout
 from dreamddp.core.schedule import Schedule
 from dreamddp.core.units import SyncUnit, sync_units
 
-__all__ = ["SyncState", "bucket_plans", "initial_order"]
+__all__ = ["Companion", "SyncState", "bucket_plans", "initial_order"]
+
+
+class Companion(Protocol):
+    """State laid out like the flat storage (delta sync's anchors): it must follow a re-layout."""
+
+    def relayout(self, old: FlatLayout, new: FlatLayout) -> None: ...
 
 
 def initial_order(units: Sequence[SyncUnit]) -> list[int]:
@@ -66,6 +73,7 @@ class SyncState:
         self.origin = 0  # the iteration the current period length started at (a switch of H resets it)
         self.units: list[SyncUnit] = []
         self.plans: list[list[Bucket]] = []
+        self.companions: list[Companion] = []
         self.lay_out()
 
     @property
@@ -81,9 +89,13 @@ class SyncState:
         if order is not None:
             self.order = list(order)
         current = sync_units(self.module)  # buffers are held by reference: take today's
+        old: FlatLayout | None = getattr(self, "layout", None)  # None the first time
         self.layout = FlatLayout(self.module, current, self.order)
         self.units = sync_units(self.module)  # ... and again, now that they live in the flat storage
         self.plans = bucket_plans(self.layout, self.units, self.order, self.schedule, self.bucket_cap_bytes)
+        if old is not None:
+            for companion in self.companions:
+                companion.relayout(old, self.layout)
 
     def set_schedule(self, schedule: Schedule) -> None:
         if schedule.period != self.schedule.period:
