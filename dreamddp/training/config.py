@@ -22,6 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from dreamddp.core.sync_options import SyncOptions
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.validation import (
     is_int,
@@ -141,6 +142,15 @@ class TrainConfig:
     # timings, plan on rank 0 and switch every rank's schedule at the period boundary. 0 = off.
     replan_every: int = 0
     profile: str = ""  # the profile (`dreamddp profile`) the schedule was planned from; needed to re-plan
+    # plsgd/dreamddp: what a scheduled sync does. "average" (the paper) or "delta": per unit, the mean
+    # pseudo-gradient (anchor - weights) steps an anchor through an outer optimizer (dreamddp.core.sync_options).
+    sync: str = "average"
+    outer: str = "sgd"  # delta: sgd | nesterov (DiLoCo's outer optimizer)
+    outer_lr: float | str = field(default="auto", metadata={"or": ("auto",), "type": float})  # auto: sgd 1, nesterov 0.7
+    outer_momentum: float | str = field(default="auto", metadata={"or": ("auto",), "type": float})  # auto: 0 / 0.9
+    compress: str = "none"  # delta: none | bf16 | int8 (per-block absmax), with error feedback
+    compress_block: int = 256  # int8: elements per scale
+    anchor_device: str = "param"  # delta: "param" (beside the weights) | "cpu" (host memory, as DiLoCo)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -206,6 +216,12 @@ class TrainConfig:
                 f"(the profile to refresh from the job's own timings); got algorithm {self.algorithm!r}, "
                 f"profile {self.profile!r} (or set train.replan_every=0)"
             )
+        options = self.sync_options  # validates train.sync and the delta keys, one line each
+        if options.delta and self.algorithm not in ("plsgd", "dreamddp"):
+            raise ValueError(
+                f"train.sync='delta' needs train.algorithm plsgd or dreamddp (a layer-wise schedule), "
+                f"got {self.algorithm!r}"
+            )
         if self.time_budget_s and not self.eval_every:
             raise ValueError(
                 f"train.time_budget_s={self.time_budget_s:g} needs train.eval_every > 0: the budget is "
@@ -218,6 +234,20 @@ class TrainConfig:
         if not isinstance(self.period, int):
             raise ValueError("train.period='auto' is chosen by the planner: read the schedule's period")
         return self.period
+
+    @property
+    def sync_options(self) -> SyncOptions:
+        """train.sync and its keys as the wrapper's options (validated where they are built)."""
+        return SyncOptions(
+            mode=self.sync,
+            outer=self.outer,
+            outer_lr=None if self.outer_lr == "auto" else self.outer_lr,  # type: ignore[arg-type]
+            outer_momentum=None if self.outer_momentum == "auto" else self.outer_momentum,  # type: ignore[arg-type]
+            compress=self.compress,
+            compress_block=self.compress_block,
+            anchor_device=self.anchor_device,
+            prefix="train",
+        )
 
     @property
     def link_spec(self) -> LinkSpec | None:
@@ -340,7 +370,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
         if value in spec.metadata.get("or", ()):  # a named alternative to the typed value, e.g. period "auto"
             continue
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        expected = type(default)
+        expected = spec.metadata.get("type", type(default))  # a field whose default is its named alternative
         if expected is float and is_int(value):
             continue
         if not isinstance(value, expected) or (expected is int and not is_int(value)):

@@ -40,6 +40,13 @@ TRAIN_KEYS: dict[str, frozenset[str]] = {
             "post_local_warmup",
             "lora",
             "replan_every",  # decides whether the schedule is the file's or the checkpoint's
+            # The checkpoint holds anchors, momentum and residuals of exactly this arithmetic.
+            "sync",
+            "outer",
+            "outer_lr",
+            "outer_momentum",
+            "compress",
+            "compress_block",
         }
     ),
     # Written into the restored optimizer / LR schedule, or read from the config every iteration.
@@ -65,6 +72,7 @@ TRAIN_KEYS: dict[str, frozenset[str]] = {
             "trace",
             "trace_steps",
             "heartbeat_s",
+            "anchor_device",  # where the anchors live, not what they are
         }
     ),
     # Compared elsewhere: the schedule by its content (a moved file is the same schedule), and the

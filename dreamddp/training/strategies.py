@@ -331,10 +331,13 @@ class PartialLocalSGD(Strategy):
             # Re-planning reads rank 0's timings only; other ranks would just hold them.
             record_timings=bool(cfg.trace or cfg.metrics_port or (cfg.replan_every and _rank() == 0)),
             overlap=cfg.overlap or None,
+            sync=cfg.sync_options,
         )
         self.ddp.register_optimizer(self.optimizer)  # overlap="forward" holds back steps of units still averaging
         self.model = self.ddp
         self.schedule = schedule
+        if self.ddp.sync.delta:
+            self.note = "; ".join(x for x in (self.note, f"sync: {self.ddp.sync.describe()}") if x)
         if self.ddp.overlap == "forward":
             self.note = "; ".join(
                 x
