@@ -11,7 +11,11 @@ its next forward); ``--max-delay D`` (forward only) lets averages land up to D i
 later where that saves time, for a parameter snapshot each. The table predicts every method
 under both modes, with each time's ratio to the lower bound.
 ``--period auto`` picks the smallest H whose predicted DreamDDP iteration time (for the chosen
-overlap) is within 5% of the lower bound (up to H = 64).
+overlap) is within 5% of the lower bound (up to H = 64); 1% with an outer optimizer's momentum.
+
+``--sync delta`` (with ``--outer``, ``--compress``, ``--compress-block``) plans for delta sync:
+each byte is priced as the compressed collective carries it, plus the codec's measured compute.
+A second table predicts DreamDDP for every payload (average, delta with none / bf16 / int8).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dreamddp.core.compress import COMPRESSORS
 from dreamddp.core.schedule import Schedule
+from dreamddp.core.sync_options import SyncOptions
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.ops.outputs import check_writable
 from dreamddp.planning import METHODS, auto_period, fill_in, plan, simulate, simulate_method
+from dreamddp.planning.compression import auto_within, priced_for, wire_fraction
 from dreamddp.planning.profile import CommModel, Profile
 from dreamddp.validation import non_negative_int
 
@@ -55,6 +62,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="D",
         help="forward overlap: averages may land up to D iterations late (default 0: off)",
     )
+    parser.add_argument("--sync", default="average", help="average (the paper) or delta (train.sync)")
+    parser.add_argument("--outer", default="sgd", help="delta: the outer optimizer, sgd or nesterov")
+    parser.add_argument("--compress", default="none", help="delta: the payload, none, bf16 or int8")
+    parser.add_argument("--compress-block", type=int, default=256, help="int8: elements per scale")
     parser.add_argument("--trace", help="also write the predicted timeline as a Chrome/Perfetto trace")
     return parser.parse_args(argv)
 
@@ -117,6 +128,33 @@ def predictions(
     return [*rows, Prediction("lower bound", lower, lower)]
 
 
+def payload_predictions(
+    profile: Profile, period: int, overlap: str, options: SyncOptions
+) -> list[tuple[str, float, float]]:
+    """(sync, predicted s/iteration, MB sent per period) for averaging and each delta payload.
+
+    ``options`` gives the outer optimizer and int8 block; the payload varies. MB are priced
+    bytes: what the collective really carries, as the all-reduce with the same traffic.
+    """
+    rows = []
+    choices = [SyncOptions()] + [
+        dataclasses.replace(options, mode="delta", compress=c, prefix="plan") for c in COMPRESSORS
+    ]
+    for choice in choices:
+        priced = priced_for(profile, choice)
+        schedule = fill_in(plan(priced, period, fill=False, overlap=overlap), priced)
+        fraction = wire_fraction(profile, choice)
+        nbytes = {u.name: u.nbytes for u in profile.units}
+        sent = sum(nbytes[name] * len(its) for name, its in schedule.assignment.items()) * fraction
+        label = (
+            "average"
+            if not choice.delta
+            else f"delta {choice.outer}" + (f" + {choice.compress}" if choice.compress != "none" else "")
+        )
+        rows.append((label, simulate(priced, schedule).iteration_s, sent / 1e6))
+    return rows
+
+
 def _cells(seconds: float | None, ssgd: float, lower: float) -> str:
     if seconds is None:
         return f"{'-':>10} {'-':>8} {'-':>8}"
@@ -134,13 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(f"--{flag}", getattr(args, flag))  # before planning, which may take a while
         if args.link:
             profile = reprice(profile, LinkSpec.parse(args.link))
+        options = SyncOptions(
+            mode=args.sync, outer=args.outer, compress=args.compress, compress_block=args.compress_block, prefix="plan"
+        )
+        averaged = profile  # priced as an average, for the per-payload table
+        profile = priced_for(profile, options)
         non_negative_int("--max-delay", args.max_delay)
         if args.max_delay and args.overlap != "forward":
             raise ValueError(
                 "--max-delay needs --overlap forward: with backward overlap every average is waited for before the step"
             )
         if args.period == "auto":
-            period = auto_period(profile, args.overlap, args.max_delay)
+            period = auto_period(profile, args.overlap, args.max_delay, within=auto_within(options))
         else:
             try:
                 period = int(args.period)
@@ -151,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = plan(profile, period, args.method, fill=False, overlap=args.overlap, max_delay=args.max_delay)
         schedule = base if args.no_fill or args.method not in FILLED_METHODS else fill_in(base, profile)
         world = profile.metadata.get("world_size")
+        if options.delta:
+            schedule = dataclasses.replace(
+                schedule, metadata={**schedule.metadata, "planned_for_sync": options.describe()}
+            )
         if isinstance(world, int) and "world_size" not in schedule.metadata:
             # The trainer refuses a schedule planned for another world size; it can only if this is recorded.
             schedule = dataclasses.replace(schedule, metadata={**schedule.metadata, "world_size": world})
@@ -159,12 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     schedule.to_json(args.out)
     planned = {}
-    if args.method == "dreamddp":
+    if args.method == "dreamddp" and not options.delta:  # the table prices averages; a delta plan is below it
         if args.max_delay:
             planned["delayed"] = schedule
         else:
             planned[args.overlap] = base
-    rows = predictions(profile, period, args.max_delay, planned)
+    rows = predictions(averaged, period, args.max_delay, planned)
     ssgd, lower = rows[0].backward_s, rows[-1].backward_s
     assert ssgd is not None and lower is not None  # S-SGD and the bound have a backward figure
     link = args.link or profile.metadata.get("link", "as profiled")
@@ -174,9 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'method':<26} {header} {header}")
     for row in rows:
         print(f"{row.name:<26} {_cells(row.backward_s, ssgd, lower)} {_cells(row.forward_s, ssgd, lower)}")
+    print(f"\nper payload ({args.overlap} overlap, DreamDDP planned for each):")
+    print(f"{'sync':<26} {'s / iter':>10} {'MB / period':>12}")
+    for label, payload_s, megabytes in payload_predictions(averaged, period, args.overlap, options):
+        print(f"{label:<26} {payload_s:>10.4f} {megabytes:>12.2f}")
     predicted = simulate(profile, schedule)
     print(
-        f"\n{args.method} schedule for {args.overlap} overlap ({schedule.syncs_per_period()} syncs per period"
+        f"\n{args.method} schedule for {args.overlap} overlap, sync {options.describe()} "
+        f"({schedule.syncs_per_period()} syncs per period"
         f"{f', {len(schedule.delays)} units delayed' if schedule.delays else ''}): predicted "
         f"{predicted.iteration_s:.4f} s / iteration, {predicted.bound_ratio:.2f}x the lower bound"
         f"{f', peak snapshot {predicted.peak_snapshot_bytes / 2**20:.2f} MiB' if schedule.delays else ''};"

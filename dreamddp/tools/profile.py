@@ -29,6 +29,7 @@ from dreamddp.training.lora import apply_lora
 from dreamddp.training.loss import loss_for_task
 from dreamddp.training.models import build_model, model_task
 from dreamddp.training.strategies import build_optimizer
+from profiler.codec import profile_codecs
 from profiler.comm import DEFAULT_SIZES, profile_comm
 from profiler.compute import profile_compute
 
@@ -105,6 +106,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
     compute = _slowest(local, [Profile.from_dict(d) for d in everyone])
     link = link_from_settings(cfg.train.link, world)
     comm = profile_comm(sizes=sizes, repeats=repeats, link=link, device=device)
+    codecs = profile_codecs(device, world=world)  # delta sync's payload compute, priced by the planner
     cpu_after = psutil.cpu_times()
     busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
     metadata = {
@@ -115,6 +117,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
         "model": cfg.model,
         "data": cfg.data.name,
         "batch_size": cfg.data.batch_size,
+        "codec_s_per_byte": codecs,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {
             "cpus": psutil.cpu_count(),

@@ -146,7 +146,9 @@ class TrainConfig:
     # pseudo-gradient (anchor - weights) steps an anchor through an outer optimizer (dreamddp.core.sync_options).
     sync: str = "average"
     outer: str = "sgd"  # delta: sgd | nesterov (DiLoCo's outer optimizer)
-    outer_lr: float | str = field(default="auto", metadata={"or": ("auto",), "type": float})  # auto: sgd 1, nesterov 0.7
+    outer_lr: float | str = field(
+        default="auto", metadata={"or": ("auto",), "type": float}
+    )  # auto: sgd 1, nesterov 0.7
     outer_momentum: float | str = field(default="auto", metadata={"or": ("auto",), "type": float})  # auto: 0 / 0.9
     compress: str = "none"  # delta: none | bf16 | int8 (per-block absmax), with error feedback
     compress_block: int = 256  # int8: elements per scale

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dreamddp.core.schedule import Schedule
 from dreamddp.planning import auto_period, plan, simulate
+from dreamddp.planning.compression import auto_within, priced_for
 from dreamddp.planning.profile import Profile
 from dreamddp.training.distributed import rank_zero_object
 from dreamddp.training.schedules import check_profile_units
@@ -98,12 +99,14 @@ class Replanner:
 
     def _plan_from_observations(self) -> dict[str, Any]:
         observed = self.strategy.observed_timings()[-self.every * self.strategy.period :]
-        refreshed = refresh(self.profile, observed)
+        # Observed buckets carry the bytes really sent (compressed): the refit prices a wire byte.
+        options = self.strategy.ddp.sync
+        refreshed = priced_for(refresh(self.profile, observed), options)
         current: Schedule = self.strategy.schedule
         overlap = self.strategy.ddp.overlap  # the mode the wrapper runs (train.overlap may override the file's)
         max_delay = max(current.delays.values(), default=0) if overlap == "forward" else 0
         auto = self.strategy.cfg.period == "auto"  # re-choose H too: a slower link may want a longer period
-        period = auto_period(refreshed, overlap, max_delay) if auto else current.period
+        period = auto_period(refreshed, overlap, max_delay, within=auto_within(options)) if auto else current.period
         schedule = plan(refreshed, period, overlap=overlap, max_delay=max_delay)
         return {
             "schedule": schedule.to_dict(),

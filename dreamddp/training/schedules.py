@@ -14,6 +14,7 @@ from torch import nn
 from dreamddp.core.schedule import Schedule
 from dreamddp.core.units import sync_units
 from dreamddp.planning import auto_period, plan
+from dreamddp.planning.compression import auto_within, priced_for
 from dreamddp.planning.profile import Profile
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.strategies import SCHEDULED
@@ -78,7 +79,8 @@ def _auto_schedule(cfg: ExperimentConfig, model: nn.Module) -> Schedule:
     except (OSError, ValueError) as err:
         raise ValueError(f"train.profile {tc.profile!r} cannot choose train.period='auto': {err}") from None
     overlap = tc.overlap or "backward"
-    period = auto_period(profile, overlap)
+    profile = priced_for(profile, tc.sync_options)  # sync="delta": compressed bytes, codec compute
+    period = auto_period(profile, overlap, within=auto_within(tc.sync_options))
     schedule = plan(profile, period, overlap=overlap)
     logger.info("train.period='auto': H=%d planned from %s", period, tc.profile)
     return schedule
