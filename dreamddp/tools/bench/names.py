@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dreamddp.core.sync_options import SyncOptions
 from dreamddp.training.config import ALGORITHMS
 
 __all__ = [
@@ -34,6 +35,18 @@ class PlannedVariant:
     fill: bool = False  # add syncs in the link's idle time
     overlap: str = "backward"  # the wrapper mode planned (and then trained) for
     max_delay: int | None = 0  # forward overlap: iterations an average may land late; None = H - 1
+    sync: tuple[tuple[str, str], ...] = ()  # train.* keys of the sync (sync="delta" and its options)
+
+    @property
+    def sync_options(self) -> SyncOptions:
+        """What the variant's syncs do: the planner prices its payload, the trainer runs it."""
+        keys: dict[str, Any] = dict(self.sync)
+        if "sync" in keys:
+            keys["mode"] = keys.pop("sync")  # train.sync is SyncOptions.mode
+        return SyncOptions(**keys, prefix="train") if keys else SyncOptions()
+
+    def train_overrides(self) -> list[str]:
+        return [f"train.{key}={value}" for key, value in self.sync]
 
     def plan_options(self, period: int) -> dict[str, Any]:
         """Keyword arguments of ``dreamddp.planning.plan`` for period ``period``."""
@@ -44,15 +57,29 @@ class PlannedVariant:
 # "dreamddp" is the planned schedule alone (the paper's backward overlap); "+fill" adds syncs in the
 # link's idle time; "-forward" plans and trains with overlap="forward" (averages land before each
 # unit's next forward); "-delayed" also lets units without a window land up to H-1 iterations late.
+# The delta variants (sync="delta", issue 17) plan as "dreamddp" does, priced for their payload:
+# "-nesterov" steps each unit's anchor with DiLoCo's outer Nesterov; "-int8" sends int8 deltas
+# with error feedback (outer SGD, lr 1: averaging's arithmetic); "-nesterov-int8" both.
+_DELTA = (("sync", "delta"),)
 PLANNED: dict[str, PlannedVariant] = {
     "dreamddp": PlannedVariant(),
     "dreamddp+fill": PlannedVariant(fill=True),
     "dreamddp-forward": PlannedVariant(overlap="forward"),
     "dreamddp-delayed": PlannedVariant(overlap="forward", max_delay=None),
+    "dreamddp-nesterov": PlannedVariant(sync=(*_DELTA, ("outer", "nesterov"))),
+    "dreamddp-int8": PlannedVariant(sync=(*_DELTA, ("compress", "int8"))),
+    "dreamddp-nesterov-int8": PlannedVariant(sync=(*_DELTA, ("outer", "nesterov"), ("compress", "int8"))),
 }
+
+
+def _delta(name: str) -> bool:
+    return name in PLANNED and bool(PLANNED[name].sync)
+
+
 # Every name the benchmark accepts, in the order tables and plots list them.
 BENCH_ALGORITHMS = (*ALGORITHMS, *(name for name in PLANNED if name not in ALGORITHMS))
-# "none" (no communication at all) is a reference floor, run on request, not a contender.
-DEFAULT_ALGORITHMS = tuple(name for name in BENCH_ALGORITHMS if name != "none")
+# "none" (no communication at all) is a reference floor, run on request, not a contender; the delta
+# variants are another axis (the payload), run on request (`--algorithms`).
+DEFAULT_ALGORITHMS = tuple(name for name in BENCH_ALGORITHMS if name != "none" and not _delta(name))
 # The variants beyond the paper, which the report holds to their own targets.
 FORWARD_VARIANTS = tuple(name for name, variant in PLANNED.items() if variant.overlap == "forward")

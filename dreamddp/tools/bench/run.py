@@ -69,6 +69,8 @@ class BenchConfig:
     timeout_s: float = 900.0  # per training run
     eval_every: int = 10  # convergence runs
     repeats: int = 1  # grid: each algorithm this many times, interleaved; the median is reported
+    seeds: int = 1  # convergence: every run for train.seed 0..seeds-1 (mean and spread reported)
+    periods: list[int] = field(default_factory=list)  # convergence: H values (S-SGD's run shared); [] = [period]
     name: str = "dreamddpb"  # namespace prefix, distinct from a user's own `dreamddp` cluster
 
     def __post_init__(self) -> None:
@@ -88,6 +90,8 @@ class BenchConfig:
             ("--procs-per-site", self.procs_per_site),
             ("--eval-every", self.eval_every),
             ("--repeats", self.repeats),
+            ("--seeds", self.seeds),
+            *(("--periods", p) for p in self.periods),
         ):
             require(is_int(value) and value >= 1, what, ">= 1", value)
         if not self.configs:
@@ -170,17 +174,21 @@ class Cluster:
             raise TrainRunFailed(f"{tag}: exited {code} on the emulated cluster:\n{tail}")
 
 
-def _train_overrides(cfg: BenchConfig, algorithm: str, schedules: dict[str, Path], log: Path) -> list[str]:
+def _train_overrides(
+    cfg: BenchConfig, algorithm: str, schedules: dict[str, Path], log: Path, period: int | None = None
+) -> list[str]:
     base = "dreamddp" if algorithm.startswith("dreamddp") else algorithm
     items = [
         f"train.algorithm={base}",
-        f"train.period={cfg.period}",
+        f"train.period={period or cfg.period}",
         f"train.steps={cfg.steps}",
         f"train.log={log}",
         "train.progress=false",
     ]
     if algorithm in schedules:
         items.append(f"train.schedule={schedules[algorithm]}")
+    if algorithm in PLANNED:
+        items += PLANNED[algorithm].train_overrides()
     return items
 
 
@@ -196,10 +204,12 @@ def _plan(
 ) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
     """Schedules for dreamddp (+fill), each algorithm's predicted s/iteration, and the bounds."""
     from dreamddp.planning import plan, simulate, simulate_method
+    from dreamddp.planning.compression import priced_for
     from dreamddp.planning.profile import Profile
 
     profile = Profile.from_json(profile_path)
-    schedules = {name: plan(profile, period, **variant.plan_options(period)) for name, variant in PLANNED.items()}
+    priced = {name: priced_for(profile, variant.sync_options) for name, variant in PLANNED.items()}
+    schedules = {name: plan(priced[name], period, **variant.plan_options(period)) for name, variant in PLANNED.items()}
     paths = {}
     for name, schedule in schedules.items():
         paths[name] = folder / f"schedule-{tag}-{name.replace('+', '-')}.json"
@@ -211,7 +221,7 @@ def _plan(
         "post_local_sgd": local,  # torch's averager: every parameter after the step, every H
         "plsgd": simulate(profile, plan(profile, period, "plsgd")).iteration_s,
         "none": profile.forward_s + profile.backward_s + profile.optimizer_s,
-        **{name: simulate(profile, s).iteration_s for name, s in schedules.items()},
+        **{name: simulate(priced[name], s).iteration_s for name, s in schedules.items()},
     }
     bounds = {
         "compute_s": profile.forward_s + profile.backward_s + profile.optimizer_s,
@@ -237,13 +247,17 @@ def _run_row(summary: dict[str, Any], algorithm: str, predicted: float | None) -
     }
 
 
-def _profile_and_plan(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag: str):
+def _profile(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag: str) -> Path:
     profile_path = folder / f"profile-{tag}.json"
     overrides = [*cfg.overrides, *cluster.link_overrides()]
     cluster.run_module(
         _module_args("dreamddp.tools.profile", config, overrides, "--out", str(profile_path)), f"profile-{tag}"
     )
-    return _plan(profile_path, cfg.period, folder, tag)
+    return profile_path
+
+
+def _profile_and_plan(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag: str):
+    return _plan(_profile(cluster, cfg, config, folder, tag), cfg.period, folder, tag)
 
 
 def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
@@ -301,16 +315,23 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
 
 
 def run_convergence(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
-    """Each algorithm for S-SGD's training time on ``cfg.links[0]``: validation loss against time."""
+    """Each algorithm for S-SGD's training time on ``cfg.links[0]``: validation loss against time.
+
+    For every seed (outermost, so drift on the machine hits every method alike): S-SGD once —
+    its training time is that seed's budget — then every other algorithm at every period.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     network, network_note = choose_network(cfg.network)
     link = cfg.links[0]
+    periods = cfg.periods or [cfg.period]
     results: dict[str, Any] = {
         **_header(cfg, ", ".join(cfg.configs), command, CONVERGENCE_FORMAT),
         "link": link,
         "network": network,
         "note": network_note,
+        "periods": periods,
+        "seeds": cfg.seeds,
         "models": [],
     }
     cluster = Cluster(cfg, link, network, out)
@@ -319,46 +340,75 @@ def run_convergence(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
         for config in cfg.configs:
             tag = Path(config).stem
             print(f"== convergence: {config} over {link} ({network}) ==", flush=True)
-            schedules, _, _ = _profile_and_plan(cluster, cfg, config, out, tag)
+            profile_path = _profile(cluster, cfg, config, out, tag)
+            schedules = {h: _plan(profile_path, h, out, f"{tag}-h{h}" if len(periods) > 1 else tag)[0] for h in periods}
             model: dict[str, Any] = {
                 "config": config,
                 "model": load_config(config, cfg.overrides).model_name,
                 "steps": cfg.steps,
+                "budgets_s": {},
                 "runs": [],
             }
-            order = ["ssgd", *[a for a in cfg.algorithms if a != "ssgd"]]
-            for algorithm in order:
-                log = out / f"conv-{tag}-{algorithm.replace('+', '-')}.jsonl"
-                overrides = [
-                    *cfg.overrides,
-                    *cluster.link_overrides(),
-                    *_train_overrides(cfg, algorithm, schedules, log),
-                    f"train.eval_every={cfg.eval_every}",
-                ]
-                if algorithm != "ssgd":
-                    # S-SGD's training time is the budget; a faster method spends it on more iterations.
-                    overrides += [f"train.steps={cfg.steps * 8}", f"train.time_budget_s={model['budget_s']}"]
-                cluster.run_module(_module_args("dreamddp.train", config, overrides), f"conv-{tag}-{algorithm}")
-                summary = read_summary(log)
-                if algorithm == "ssgd":
-                    model["budget_s"] = summary["train_time_s"]
-                model["runs"].append(
-                    {
-                        "algorithm": algorithm,
-                        "steps_done": summary["steps"],
-                        "iter_s": summary["iter_s"],
-                        "curve": _curve(summary),
-                        "final_val_loss": summary["val_loss"],
-                    }
-                )
-                print(
-                    f"  {algorithm:<15} {summary['steps']} iterations in {summary['train_time_s']:.1f} s,"
-                    f" val loss {summary['val_loss']:.3f}",
-                    flush=True,
-                )
             results["models"].append(model)
+            others = [a for a in cfg.algorithms if a != "ssgd"]
+            for seed in range(cfg.seeds):
+                budget = _convergence_run(cluster, cfg, config, tag, model, "ssgd", None, seed, {})
+                model["budgets_s"][str(seed)] = budget
+                model.setdefault("budget_s", budget)  # the first seed's, for single-seed readers
+                for period in periods:
+                    for algorithm in others:
+                        _convergence_run(cluster, cfg, config, tag, model, algorithm, period, seed, schedules[period])
+                    _write(out / "convergence.json", results)
             _write(out / "convergence.json", results)
     return results
+
+
+def _convergence_run(
+    cluster: Cluster,
+    cfg: BenchConfig,
+    config: str,
+    tag: str,
+    model: dict[str, Any],
+    algorithm: str,
+    period: int | None,
+    seed: int,
+    schedules: dict[str, Path],
+) -> float:
+    """One training run of a convergence comparison; appends its record, returns its training time."""
+    name = f"{tag}-{algorithm.replace('+', '-')}" + (f"-h{period}" if period else "") + f"-s{seed}"
+    log = Path(cfg.out) / f"conv-{name}.jsonl"
+    overrides = [
+        *cfg.overrides,
+        *cluster.link_overrides(),
+        *_train_overrides(cfg, algorithm, schedules, log, period),
+        f"train.eval_every={cfg.eval_every}",
+        f"train.seed={seed}",
+    ]
+    if algorithm != "ssgd":
+        # S-SGD's training time is the budget; a faster method spends it on more iterations.
+        budget = model["budgets_s"][str(seed)]
+        overrides += [f"train.steps={cfg.steps * 8}", f"train.time_budget_s={budget}"]
+    cluster.run_module(_module_args("dreamddp.train", config, overrides), f"conv-{name}")
+    summary = read_summary(log)
+    model["runs"].append(
+        {
+            "algorithm": algorithm,
+            "period": period,
+            "seed": seed,
+            "steps_done": summary["steps"],
+            "iter_s": summary["iter_s"],
+            "bytes_per_iter": summary["bytes_per_iter"],
+            "curve": _curve(summary),
+            "final_val_loss": summary["val_loss"],
+        }
+    )
+    print(
+        f"  {algorithm:<22} H={period or '-':<3} seed {seed}: {summary['steps']} iterations in "
+        f"{summary['train_time_s']:.1f} s, val loss {summary['val_loss']:.3f}, "
+        f"{summary['bytes_per_iter'] / 1e6:.3f} MB/it",
+        flush=True,
+    )
+    return float(summary["train_time_s"])
 
 
 def _curve(summary: dict[str, Any]) -> list[dict[str, float]]:
@@ -420,6 +470,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="--convergence: evaluate every N iterations")
     parser.add_argument("--repeats", type=int, default=1, help="grid: runs per algorithm, interleaved; median reported")
     parser.add_argument("--convergence", action="store_true", help="loss against wall-clock time on the first link")
+    parser.add_argument("--seeds", type=int, default=1, help="--convergence: runs per algorithm, train.seed 0..N-1")
+    parser.add_argument(
+        "--periods", type=int, nargs="+", default=[], metavar="H", help="--convergence: several H, S-SGD shared"
+    )
     parser.add_argument("--report", action="store_true", help="also write report.md and the plots into --out")
     return parser.parse_args(argv)
 
@@ -442,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.timeout,
             args.eval_every,
             repeats=args.repeats,
+            seeds=args.seeds,
+            periods=args.periods,
         )
     except ValueError as err:
         print(f"dreamddp bench: error: {err}", file=sys.stderr)
