@@ -6,6 +6,8 @@ The harness writes raw numbers only; every ratio people quote (speedups, distanc
 cost model's lower bound, how far the prediction was off) is derived here, in one place, so
 the README, the report and the tracked targets cannot disagree. Plots need matplotlib
 (``pip install dreamddp[bench]``); without it the report is written without images.
+The grid part and the shared cell formatting are here; the convergence part (seeds, periods,
+its targets and plot) is in ``convergence_report``, re-exported below.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dreamddp.tools.bench.names import BENCH_ALGORITHMS, CONVERGENCE_FORMAT, FOR
 
 __all__ = [
     "convergence_table",
+    "convergence_targets",
     "grid_table",
     "load_results",
     "main",
@@ -259,107 +262,29 @@ def grid_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- convergence: time to a loss under a fixed time budget ----
-
-
-def _curve(run: Run) -> list[dict]:
-    """Curve points by iteration: what follows assumes time and step grow together."""
-    return sorted(run.get("curve", []), key=lambda p: p["step"])
-
-
-def _loss_at_step(run: Run, steps: int) -> dict | None:
-    """The curve point at ``steps`` iterations, else the last one before it (a run cut by the budget)."""
-    points = [p for p in _curve(run) if p["step"] <= steps]
-    return max(points, key=lambda p: p["step"]) if points else None
-
-
-def _time_to_loss(run: Run, target: float) -> float | None:
-    """Training time at which validation loss first reaches ``target``.
-
-    Linearly interpolated between the two curve points that straddle the target; if the first
-    point is already below it, that point's time (nothing is known before it). None if never.
-    """
-    previous = None
-    for point in _curve(run):
-        if point["val_loss"] <= target:
-            if previous is None or previous["val_loss"] == point["val_loss"]:
-                return point["time_s"]
-            frac = (previous["val_loss"] - target) / (previous["val_loss"] - point["val_loss"])
-            return previous["time_s"] + frac * (point["time_s"] - previous["time_s"])
-        previous = point
-    return None
-
-
-CONVERGENCE_HEADER = [
-    "algorithm",
-    "iterations in budget",
-    "s / iteration",
-    "val loss at N iterations",
-    "vs ssgd at N",
-    "final val loss in budget",
-    "time to ssgd's final val loss (s)",
-    "speedup in time-to-loss vs ssgd",
-]
-
-
-def _model_section(model: dict) -> list[str]:
-    steps, runs = model.get("steps", 0), model.get("runs", [])
-    ssgd = next((r for r in runs if r["algorithm"] == "ssgd"), None)
-    target = ssgd.get("final_val_loss") if ssgd else None
-    ssgd_at_n = _loss_at_step(ssgd, steps) if ssgd else None
-    ssgd_ttl = _time_to_loss(ssgd, target) if ssgd and target is not None else None
-    rows = []
-    for run in runs:
-        at_n = _loss_at_step(run, steps)
-        loss = at_n["val_loss"] if at_n else None
-        loss_text = _num(loss, ".3f") + ("" if not at_n or at_n["step"] == steps else f" (at {at_n['step']})")
-        ttl = _time_to_loss(run, target) if target is not None else None
-        reached = MISSING if target is None else ("not reached" if ttl is None else f"{ttl:.1f}")
-        rows.append(
-            [
-                run["algorithm"],
-                str(run.get("steps_done", MISSING)),
-                _num(run.get("iter_s"), ".3f"),
-                loss_text,
-                _percent(
-                    _ratio(
-                        None if loss is None or ssgd_at_n is None else loss - ssgd_at_n["val_loss"],
-                        ssgd_at_n["val_loss"] if ssgd_at_n else None,
-                    )
-                ),
-                _num(run.get("final_val_loss"), ".3f"),
-                reached,
-                _times(_ratio(ssgd_ttl, ttl)),
-            ]
-        )
-    title = f"### {model.get('model', '?')} (`{model.get('config')}`): N = {steps} iterations, budget {_num(model.get('budget_s'), '.0f')} s"
-    notes = []
-    paper = next((r for r in runs if r["algorithm"] == "dreamddp"), None)
-    paper_at_n = _loss_at_step(paper, steps) if paper else None
-    for run in runs:
-        at_n = _loss_at_step(run, steps) if run["algorithm"] in FORWARD_VARIANTS else None
-        if at_n and paper_at_n and at_n["step"] == paper_at_n["step"]:
-            gap = _ratio(at_n["val_loss"] - paper_at_n["val_loss"], paper_at_n["val_loss"])
-            # The target bounds the cost of moving the averages later: a lower loss meets it too.
-            met = "met" if gap is not None and gap <= 0.02 else "missed"
-            notes.append(
-                f"- {run['algorithm']}: validation loss at iteration {at_n['step']} is {_percent(gap)} "
-                f"from the paper-mode dreamddp's (target: at most 2% above it, {met})"
-            )
-    return [title, "", *_table(CONVERGENCE_HEADER, rows), "", *(notes + [""] if notes else [])]
+# ---- convergence: in convergence_report, which formats its cells with the helpers above ----
+# Imported when called, not at the top: that module imports this one, and either may be loaded first.
 
 
 def convergence_table(conv: dict) -> str:
-    """Markdown for a convergence file: per model, loss at equal iterations and time to S-SGD's loss."""
-    _expect(conv, CONVERGENCE_FORMAT)
-    lines = [f"Link {conv.get('link')} ({conv.get('network')}), period H={conv.get('period')}.", ""]
-    if conv.get("note"):
-        lines += [str(conv["note"]), ""]
-    if conv.get("command"):
-        lines += [f"Command: `{conv['command']}`", ""]
-    for model in conv.get("models", []):
-        lines += _model_section(model)
-    return "\n".join(lines)
+    """Markdown for a convergence file: per model and H, loss at equal iterations and time to S-SGD's loss."""
+    from dreamddp.tools.bench import convergence_report
+
+    return convergence_report.convergence_table(conv)
+
+
+def convergence_targets(conv: dict) -> list[tuple[str, bool | None, str]]:
+    """Every model's convergence targets as ("model: description", met, measured value)."""
+    from dreamddp.tools.bench import convergence_report
+
+    return convergence_report.convergence_targets(conv)
+
+
+def plot_convergence(conv: dict, path: str | Path) -> None:
+    """Validation loss against time (top row) and iterations (bottom), one column per model and H."""
+    from dreamddp.tools.bench import convergence_report
+
+    convergence_report.plot_convergence(conv, path)
 
 
 # ---- plots ----
@@ -400,27 +325,6 @@ def plot_iteration_times(results: dict, path: str | Path) -> None:
     modes = ", ".join(dict.fromkeys(_heading(link).split(" — ", 1)[1] for link in links))
     ax.set_title(f"{results.get('model', '')}: seconds per iteration\nnetwork: {modes}", fontsize="medium")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_convergence(conv: dict, path: str | Path) -> None:
-    """Validation loss against training time, one subplot per model, dotted line at S-SGD's final loss."""
-    _expect(conv, CONVERGENCE_FORMAT)
-    plt = _pyplot()
-    models = conv.get("models", [])
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.0 * max(len(models), 1), 4.0), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for run in model.get("runs", []):
-            curve = _curve(run)
-            ax.plot([p["time_s"] for p in curve], [p["val_loss"] for p in curve], marker="o", label=run["algorithm"])
-            if run["algorithm"] == "ssgd" and run.get("final_val_loss") is not None:
-                ax.axhline(run["final_val_loss"], color="gray", linestyle="dotted", label="ssgd final val loss")
-        ax.set_title(f"{model.get('model', '?')} over {conv.get('link')}")
-        ax.set_xlabel("training time (s)")
-        ax.set_ylabel("validation loss")
-        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
