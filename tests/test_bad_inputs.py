@@ -262,6 +262,42 @@ CLI_CASES = [
     ),
     CliCase("malformed-link", "train", ("--set", "train.link=100mbits,20ms"), ("'100mbits,20ms'", "mbit/gbit")),
     CliCase(
+        "sync-unknown-compressor",
+        "train",
+        ("--set", "train.sync=delta", "--set", "train.compress=int4"),
+        ("train.compress", "'int4'", "none, bf16, int8"),
+    ),
+    CliCase(
+        "sync-unknown-outer",
+        "train",
+        ("--set", "train.sync=delta", "--set", "train.outer=adam"),
+        ("train.outer", "'adam'", "sgd, nesterov"),
+    ),
+    CliCase(
+        "sync-int8-block-zero",
+        "train",
+        ("--set", "train.sync=delta", "--set", "train.compress=int8", "--set", "train.compress_block=0"),
+        ("train.compress_block", "got 0", ">= 1"),
+    ),
+    CliCase(
+        "sync-outer-lr-not-positive",
+        "train",
+        ("--set", "train.sync=delta", "--set", "train.outer_lr=0"),
+        ("train.outer_lr", "got 0", "> 0"),
+    ),
+    CliCase(
+        "sync-options-without-delta",
+        "train",
+        ("--set", "train.outer=nesterov"),
+        ("train.outer='nesterov'", "train.sync='delta'"),
+    ),
+    CliCase(
+        "sync-delta-on-baseline",
+        "train",
+        ("--set", "train.algorithm=local_sgd", "--set", "train.sync=delta"),
+        ("train.sync='delta'", "'local_sgd'", "plsgd or dreamddp"),
+    ),
+    CliCase(
         "link-delay-unbounded", "train", ("--set", "train.link=100mbit,1e400ms"), ("'1e400ms'", "out of range", "60s")
     ),
     CliCase(
@@ -509,7 +545,13 @@ FAST_CLI_CASES = {
     "schedule-world-size-changed",
 }
 # API rows that spawn two ranks run in the slow tier; one (models-differ-across-ranks) stays fast.
-SLOW_API_CASES = {"forward-overlap-stale-read", "join-not-first", "frozen-weights-differ"}
+SLOW_API_CASES = {
+    "forward-overlap-stale-read",
+    "join-not-first",
+    "frozen-weights-differ",
+    "sync-delta-join",
+    "sync-checkpoint-mode-changed",
+}
 
 
 @pytest.mark.timeout(150)  # the checkpoint rows may first train the run they resume
@@ -583,6 +625,46 @@ def _forward_overlap_stale_read() -> BaseException:
     return ValueError(run_workers(_refused, 2, timeout=60)[0]["parent"]["message"])
 
 
+def _int8_too_many_ranks() -> BaseException:
+    from dreamddp.core.compress import check_world
+
+    with pytest.raises(ValueError) as info:
+        check_world("int8", 8)
+    return info.value
+
+
+def _delta_join() -> BaseException:
+    from .dist_utils import run_workers
+    from .test_delta_sync import _join
+
+    messages = run_workers(_join, 2, timeout=60)
+    assert messages[0] == messages[1], messages  # every rank, the same line, no hang
+    return ValueError(messages[0])
+
+
+def _averaged_checkpoint_into_delta(rank: int, world_size: int) -> str:
+    from dreamddp import DreamDDP, Schedule, sync_units
+
+    from .nets import MLP
+
+    model = MLP()
+    schedule = Schedule.every_step([u.name for u in sync_units(model)])
+    state = DreamDDP(MLP(), schedule).state_dict()
+    try:
+        DreamDDP(model, schedule, sync="delta").load_state_dict(state)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _sync_checkpoint_mode_changed() -> BaseException:
+    from .dist_utils import run_workers
+
+    messages = run_workers(_averaged_checkpoint_into_delta, 2, timeout=60)
+    assert messages[0] == messages[1], messages
+    return ValueError(messages[0])
+
+
 def _join_not_first() -> BaseException:
     from .dist_utils import run_workers
     from .test_join import _second_joinable
@@ -636,6 +718,9 @@ API_CASES = [
         ("'parent.child.weight'", "'parent'", 'overlap="backward"'),
     ),
     ApiCase("join-not-first", _join_not_first, ("first joinable", "Join([ddp, ...])")),
+    ApiCase("sync-int8-too-many-ranks", _int8_too_many_ranks, ("'int8'", "8 ranks", "at most 7")),
+    ApiCase("sync-delta-join", _delta_join, ("Join([ddp])", "sync='delta'", "same number of batches")),
+    ApiCase("sync-checkpoint-mode-changed", _sync_checkpoint_mode_changed, ("synchronizes deltas", "sync='average'")),
     ApiCase("frozen-weights-differ", _frozen_weights_differ, ("'mix.weight'", "rank 0 and rank 1", "same seed")),
     ApiCase("hf-extra-missing", _hf_extra_missing, ('model.name="hf"', "pip install 'dreamddp[hf]'")),
 ]

@@ -175,7 +175,9 @@ class DreamDDP(nn.Module, Joinable):
             src = dist.get_global_rank(self.process_group, 0)
             for chunk in self._state.chunks():
                 dist.broadcast(chunk, src=src, group=self.process_group)
-        self._delta = DeltaState(self._state, self.sync, self.process_group) if self.sync.delta else None
+        self._delta = None
+        if self.sync.delta:
+            self._delta = DeltaState(self._state, self.sync, self.process_group, weights_equal=broadcast_from_rank0)
         self.last_stats = IterationStats(sync_state_bytes=self.sync_state_bytes)
         self.total_bytes_sent = 0
         self._observer: TimingObserver | None = None

@@ -65,7 +65,9 @@ def anchor_dtype(dtype: torch.dtype) -> torch.dtype:
 class DeltaState:
     """Anchors, outer momentum and error-feedback residuals, laid out like the flat storage."""
 
-    def __init__(self, state: SyncState, options: SyncOptions, group: dist.ProcessGroup) -> None:
+    def __init__(
+        self, state: SyncState, options: SyncOptions, group: dist.ProcessGroup, weights_equal: bool = True
+    ) -> None:
         self.options = options
         self.state = state
         self.layout = state.layout
@@ -74,9 +76,10 @@ class DeltaState:
         self.anchors = [self._companion(f, anchor_dtype(f.dtype)) for f in flats]
         for anchor, flat in zip(self.anchors, flats):
             anchor.copy_(flat)
-        # The anchor is rank 0's weights, whatever each rank started from.
+        # The anchor is rank 0's weights, whatever each rank started from (a broadcast only when the
+        # weights were not already made equal: across a WAN it costs a whole model).
         src = dist.get_global_rank(group, 0)
-        for anchor in self.anchors:
+        for anchor in [] if weights_equal else self.anchors:
             on_wire = anchor if anchor.device == flats[0].device else anchor.to(flats[0].device)
             dist.broadcast(on_wire, src=src, group=group)
             if on_wire is not anchor:
