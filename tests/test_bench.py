@@ -122,3 +122,30 @@ def test_bad_bench_input_is_a_one_line_error(argv, message, capsys, tmp_path):
 def test_bench_config_validates_before_anything_runs():
     with pytest.raises(ValueError, match="algorithm 'x' is unknown"):
         BenchConfig(["configs/gpt-tiny.toml"], algorithms=["x"])
+
+
+def test_delta_variants_train_with_their_sync_and_are_planned_priced_for_it(tmp_path) -> None:
+    from dreamddp.planning import simulate
+    from dreamddp.planning.compression import priced_for
+    from dreamddp.planning.profile import CommModel, Profile
+    from dreamddp.tools.bench.names import DEFAULT_ALGORITHMS, PLANNED
+    from dreamddp.tools.bench.run import _plan, _train_overrides
+
+    cfg = BenchConfig(["configs/gpt-tiny.toml"], algorithms=["dreamddp-nesterov-int8"])
+    items = _train_overrides(cfg, "dreamddp-nesterov-int8", {}, tmp_path / "log.jsonl", period=16)
+    assert "train.algorithm=dreamddp" in items and "train.period=16" in items
+    assert {"train.sync=delta", "train.outer=nesterov", "train.compress=int8"} <= set(items)
+    assert not any(PLANNED[a].sync for a in DEFAULT_ALGORITHMS if a in PLANNED)  # the default grid is unchanged
+
+    profile = Profile.synthetic([0.01] * 8, [0.0] * 8, forward_s=0.04, nbytes=[200_000] * 8)
+    profile = profile.with_comm(CommModel(0.02, 8 / 20e6))
+    profile.to_json(tmp_path / "p.json")
+    paths, predicted, _ = _plan(tmp_path / "p.json", 4, tmp_path, "t")
+    from dreamddp import Schedule
+
+    int8 = PLANNED["dreamddp-int8"].sync_options
+    assert int8.delta and int8.compress == "int8"
+    assert predicted["dreamddp-int8"] == pytest.approx(
+        simulate(priced_for(profile, int8), Schedule.from_json(paths["dreamddp-int8"])).iteration_s
+    )
+    assert predicted["dreamddp-int8"] < predicted["dreamddp"]  # a quarter of the bytes on a slow link

@@ -108,10 +108,15 @@ def _assert_same(a, b, where: str) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "algorithm",
-    ["dreamddp", *(pytest.param(a, marks=pytest.mark.slow) for a in ("local_sgd", "post_local_sgd", "ssgd"))],
+    [
+        "dreamddp",
+        *(pytest.param(a, marks=pytest.mark.slow) for a in ("local_sgd", "post_local_sgd", "ssgd", "dreamddp-delta")),
+    ],
 )
 def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
     extra = [f'train.algorithm="{algorithm}"']
+    if algorithm == "dreamddp-delta":  # anchors, outer momentum and int8 residuals resume too
+        extra = ['train.algorithm="dreamddp"', 'train.sync="delta"', 'train.outer="nesterov"', 'train.compress="int8"']
     if algorithm == "post_local_sgd":
         extra.append("train.post_local_warmup=2")
     reference = _torchrun(tmp_path, "reference", extra)

@@ -129,12 +129,14 @@ def predictions(
 
 
 def payload_predictions(
-    profile: Profile, period: int, overlap: str, options: SyncOptions
+    profile: Profile, period: int, overlap: str, options: SyncOptions, written: Schedule | None = None
 ) -> list[tuple[str, float, float]]:
     """(sync, predicted s/iteration, MB sent per period) for averaging and each delta payload.
 
     ``options`` gives the outer optimizer and int8 block; the payload varies. MB are priced
     bytes: what the collective really carries, as the all-reduce with the same traffic.
+    ``written``: the schedule already planned for ``options`` (before fill-in): its row is that
+    schedule, so the table shows what was written.
     """
     rows = []
     choices = [SyncOptions()] + [
@@ -142,7 +144,9 @@ def payload_predictions(
     ]
     for choice in choices:
         priced = priced_for(profile, choice)
-        schedule = fill_in(plan(priced, period, fill=False, overlap=overlap), priced)
+        mine = written is not None and choice == dataclasses.replace(options, mode="delta", prefix="plan")
+        base = written if mine and written is not None else plan(priced, period, fill=False, overlap=overlap)
+        schedule = fill_in(base, priced)
         fraction = wire_fraction(profile, choice)
         nbytes = {u.name: u.nbytes for u in profile.units}
         sent = sum(nbytes[name] * len(its) for name, its in schedule.assignment.items()) * fraction
@@ -221,10 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'method':<26} {header} {header}")
     for row in rows:
         print(f"{row.name:<26} {_cells(row.backward_s, ssgd, lower)} {_cells(row.forward_s, ssgd, lower)}")
-    print(f"\nper payload ({args.overlap} overlap, DreamDDP planned for each):")
-    print(f"{'sync':<26} {'s / iter':>10} {'MB / period':>12}")
-    for label, payload_s, megabytes in payload_predictions(averaged, period, args.overlap, options):
-        print(f"{label:<26} {payload_s:>10.4f} {megabytes:>12.2f}")
+    if options.delta:
+        written = base if args.method == "dreamddp" and not args.max_delay else None
+        print(f"\nper payload ({args.overlap} overlap, DreamDDP planned for each):")
+        print(f"{'sync':<26} {'s / iter':>10} {'MB / period':>12}")
+        for label, payload_s, megabytes in payload_predictions(averaged, period, args.overlap, options, written):
+            print(f"{label:<26} {payload_s:>10.4f} {megabytes:>12.2f}")
     predicted = simulate(profile, schedule)
     print(
         f"\n{args.method} schedule for {args.overlap} overlap, sync {options.describe()} "
