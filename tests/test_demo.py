@@ -44,10 +44,13 @@ def test_demo_runs_end_to_end(tmp_path):
         cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo")
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    for name in ("ssgd", "local_sgd", "plsgd", "dreamddp"):
+    for name in ("ssgd", "local_sgd", "plsgd", "dreamddp", "dreamddp-int8"):
         assert f"| {name} |" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["results"]) == {"ssgd", "local_sgd", "plsgd", "dreamddp"}
+    assert set(summary["results"]) == {"ssgd", "local_sgd", "plsgd", "dreamddp", "dreamddp-int8"}
+    results = summary["results"]
+    assert results["dreamddp-int8"]["bytes_per_iter"] < 0.3 * results["dreamddp"]["bytes_per_iter"]
+    assert "int8" in results["dreamddp-int8"]["note"]
     assert (out / "schedule.json").exists() and (out / "profile.json").exists()
     note = summary["results"]["dreamddp"]["note"]  # it trained with the planned schedule, in its planned mode
     assert "ignored" not in note and "PLSGD" not in note, note

@@ -7,9 +7,11 @@ with torchrun per algorithm — same model, same data, same link (default 100 Mb
 collective) — plus a run with no communication at all, the compute-only reference. Each is
 run ``--repeats`` times, round-robin, and the run with the median time is reported: a noisy
 stretch on a shared machine then hits every algorithm alike instead of inverting the table. PLSGD (equal-bytes contiguous groups, no profile) is shown too,
-so the planner's contribution is visible on its own. Then prints, per algorithm, the
-time per iteration, the link time it used per iteration, the share of that link time hidden
-behind computation, and the final validation loss.
+so the planner's contribution is visible on its own, and ``dreamddp-int8``: the same planned
+schedule's syncs sent as int8 deltas with error feedback (``train.sync=delta``): a quarter of
+the bytes. Then prints, per algorithm, the time per iteration,
+the MB each rank sent per iteration, the link time it used per iteration, the share of that
+link time hidden behind computation, and the final validation loss.
 
 Hidden share = 1 - exposed / link time, where exposed = (iteration time - compute-only
 iteration time): one definition for every algorithm, measured the same way.
@@ -29,6 +31,8 @@ from dreamddp.tools.runner import TrainRunFailed, median_run, run_torchrun, torc
 
 REPO = Path(__file__).resolve().parents[2]  # dreamddp/tools/demo.py -> the checkout
 DEFAULT_CONFIG = REPO / "configs" / "gpt-tiny.toml"
+# Demo rows that run DreamDDP's planned schedule with other train.* keys.
+VARIANTS = {"dreamddp-int8": ("train.sync=delta", "train.compress=int8")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="runs per algorithm, interleaved; the median is shown")
     parser.add_argument("--period", type=int, default=4, help="H for the local methods")
     parser.add_argument("--link", default="100mbit,20ms", help="simulated link, e.g. 100mbit,20ms")
-    parser.add_argument("--algorithms", default="ssgd,local_sgd,plsgd,dreamddp")
+    parser.add_argument("--algorithms", default="ssgd,local_sgd,plsgd,dreamddp,dreamddp-int8")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     args = parser.parse_args(argv)
@@ -55,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan_schedule(args: argparse.Namespace, out: Path) -> Path:
-    """Profile on the live (simulated-link) cluster, then plan: the schedule DreamDDP trains with."""
+def plan_schedule(args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """Profile on the live (simulated-link) cluster, then plan: the schedule DreamDDP trains with
+    (``dreamddp``, and ``dreamddp-int8``, which sends the same syncs as int8 deltas)."""
     profile_path, schedule_path = out / "profile.json", out / "schedule.json"
     extra = [x for item in [f"train.link={args.link}", *args.set] for x in ("--set", item)]
     try:
@@ -89,19 +94,21 @@ def plan_schedule(args: argparse.Namespace, out: Path) -> Path:
         f"({schedule.syncs_per_period()} syncs per period; predicted {predicted:.3f} s/iteration)",
         flush=True,
     )
-    return schedule_path
+    return {"dreamddp": schedule_path, "dreamddp-int8": schedule_path}
 
 
 def run_algorithm(
-    args: argparse.Namespace, algorithm: str, out: Path, schedule: Path | None = None, repeat: int = 0
+    args: argparse.Namespace, algorithm: str, out: Path, schedules: dict[str, Path] | None = None, repeat: int = 0
 ) -> dict[str, Any]:
+    schedule = (schedules or {}).get(algorithm)
     overrides = [
-        f"train.algorithm={algorithm}",
+        f"train.algorithm={'dreamddp' if algorithm in VARIANTS else algorithm}",
         f"train.steps={args.steps}",
         f"train.period={args.period}",
         f"train.link={args.link}",
         "train.progress=false",
-        *([f"train.schedule={schedule}"] if schedule is not None and algorithm == "dreamddp" else []),
+        *([f"train.schedule={schedule}"] if schedule is not None else []),
+        *VARIANTS.get(algorithm, ()),
         *args.set,
     ]
     try:
@@ -123,16 +130,18 @@ def hidden_share(summary: dict[str, Any], compute_s: float) -> float | None:
 def format_table(results: dict[str, dict[str, Any]], compute_s: float) -> str:
     base = results.get("ssgd", {}).get("iter_s")
     rows = [
-        "| algorithm | time / iteration (s) | speed-up vs S-SGD | link time / iteration (s) | comm hidden | final val loss |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| compute only (no comm) | {compute_s:.3f} | | | | |",
+        "| algorithm | time / iteration (s) | speed-up vs S-SGD | MB / iteration | link time / iteration (s) "
+        "| comm hidden | final val loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| compute only (no comm) | {compute_s:.3f} | | | | | |",
     ]
     for name, s in results.items():
         share = hidden_share(s, compute_s)
         speedup = f"{base / s['iter_s']:.2f}x" if base else ""
         hidden = "n/a" if share is None else f"{share:.0%}"
         rows.append(
-            f"| {name} | {s['iter_s']:.3f} | {speedup} | {s['channel_busy_s_per_iter']:.3f} | {hidden} | {s['val_loss']:.3f} |"
+            f"| {name} | {s['iter_s']:.3f} | {speedup} | {s['bytes_per_iter'] / 1e6:.3f} "
+            f"| {s['channel_busy_s_per_iter']:.3f} | {hidden} | {s['val_loss']:.3f} |"
         )
     return "\n".join(rows)
 
@@ -148,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         f"H={args.period}, {args.steps} iterations per run, {args.repeats} runs each (interleaved; medians shown)",
         flush=True,
     )
-    schedule = plan_schedule(args, out) if "dreamddp" in algorithms else None
+    planned = any(a == "dreamddp" or a in VARIANTS for a in algorithms)
+    schedules = plan_schedule(args, out) if planned else None
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ["none", *algorithms]}
     for repeat in range(args.repeats):  # round-robin: drift on the machine hits every algorithm alike
         for algorithm in runs:
-            summary = run_algorithm(args, algorithm, out, schedule, repeat)
+            summary = run_algorithm(args, algorithm, out, schedules, repeat)
             runs[algorithm].append(summary)
             label = "compute only" if algorithm == "none" else algorithm
             print(f"  {label}: {summary['iter_s']:.3f} s/iteration ({summary['wall_s']:.0f} s)", flush=True)
