@@ -73,7 +73,11 @@ def _lr1_matches_average(rank: int, world: int, model_name: str, overlap: str, a
 
 @pytest.mark.parametrize(
     "model_name,overlap,anchor_device",
-    [("mlp", "backward", "param"), ("scrambled", "backward", "cpu"), ("mlp", "forward", "param")],
+    [
+        ("mlp", "backward", "param"),
+        pytest.param("scrambled", "backward", "cpu", marks=pytest.mark.slow),
+        pytest.param("mlp", "forward", "param", marks=pytest.mark.slow),
+    ],
 )
 def test_outer_sgd_lr1_is_average_mode(model_name: str, overlap: str, anchor_device: str) -> None:
     diffs = run_workers(_lr1_matches_average, 2, model_name, overlap, anchor_device)
@@ -110,7 +114,12 @@ def _identical_after_every_sync(rank: int, world: int, compress: str, overlap: s
 
 @pytest.mark.parametrize(
     "compress,world,overlap",
-    [("int8", 2, "backward"), ("bf16", 2, "forward"), ("int8", 4, "backward"), ("bf16", 4, "backward")],
+    [
+        ("int8", 2, "backward"),
+        pytest.param("bf16", 2, "forward", marks=pytest.mark.slow),
+        pytest.param("int8", 4, "backward", marks=pytest.mark.slow),
+        pytest.param("bf16", 4, "backward", marks=pytest.mark.slow),
+    ],
 )
 def test_replicas_bitwise_identical_after_every_sync(compress: str, world: int, overlap: str) -> None:
     checked = run_workers(_identical_after_every_sync, world, compress, overlap, timeout=180)
@@ -214,7 +223,7 @@ def _resume(rank: int, world: int, overlap: str) -> tuple[list, list]:
     return straight, resumed
 
 
-@pytest.mark.parametrize("overlap", ["backward", "forward"])
+@pytest.mark.parametrize("overlap", ["backward", pytest.param("forward", marks=pytest.mark.slow)])
 def test_resume_mid_period_is_bit_exact(overlap: str) -> None:
     for straight, resumed in run_workers(_resume, 2, overlap):
         for a, b in zip(straight, resumed):
@@ -342,6 +351,7 @@ def _join(rank: int, world: int) -> str:
     return ""
 
 
+@pytest.mark.slow  # also the catalogue's row sync-delta-join (tests/test_bad_inputs.py)
 def test_join_is_refused_in_one_line() -> None:
     for message in run_workers(_join, 2):
         assert message.startswith("Join([ddp]) with sync='delta' is not supported")

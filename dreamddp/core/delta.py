@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from dreamddp.core.buckets import Bucket
 from dreamddp.core.collectives import BucketSync, average_op
-from dreamddp.core.compress import allreduce_equivalent_bytes, decode_data, with_feedback
+from dreamddp.core.compress import Encoded, allreduce_equivalent_bytes, decode_data, with_feedback
 from dreamddp.core.flat import FlatLayout
 from dreamddp.core.state import SyncState
 from dreamddp.core.sync_options import SyncOptions
@@ -150,21 +150,31 @@ class DeltaState:
         anchor = self.anchors[bucket.key][bucket.start : bucket.end].to(weights.device, non_blocking=True)
         return anchor - weights.to(anchor.dtype)
 
-    def encode(self, bucket: Bucket, delta: torch.Tensor) -> Any:
-        """``delta`` plus this rank's residual, encoded; the new residual kept (error feedback)."""
+    def encode(self, bucket: Bucket, delta: torch.Tensor) -> tuple[Encoded, torch.Tensor | None]:
+        """``delta`` plus this rank's residual, encoded, and the new residual (error feedback).
+
+        The new residual is kept only when the sync lands (``apply``): a backward that fails
+        before then is retried from the same state.
+        """
         opts = self.options
         residual = None
         if self.residuals is not None:
             residual = self.residuals[bucket.key][bucket.start : bucket.end].to(delta.device, non_blocking=True)
-        encoded, left = with_feedback(delta, residual, opts.compress, opts.compress_block)
-        if self.residuals is not None and left is not None:
-            self.residuals[bucket.key][bucket.start : bucket.end].copy_(left, non_blocking=True)
-        return encoded
+        return with_feedback(delta, residual, opts.compress, opts.compress_block)
 
-    def apply(self, bucket: Bucket, launched_on: FlatLayout, mean_delta: torch.Tensor, target: torch.Tensor) -> None:
-        """Step the anchors of ``bucket`` with Δ̄ and write the new anchor into ``target``."""
+    def apply(
+        self,
+        bucket: Bucket,
+        launched_on: FlatLayout,
+        mean_delta: torch.Tensor,
+        target: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> None:
+        """Step the anchors of ``bucket`` with Δ̄, write the new anchor into ``target``, keep ``residual``."""
         for lo, hi, key, start in self._pieces(bucket, launched_on):
             end = start + hi - lo
+            if residual is not None and self.residuals is not None:
+                self.residuals[key][start:end].copy_(residual[lo:hi], non_blocking=True)
             anchor_home = self.anchors[key][start:end]
             anchor = anchor_home.to(mean_delta.device, non_blocking=True)
             delta = mean_delta[lo:hi]
@@ -249,7 +259,7 @@ class BucketDelta(BucketSync):
         self.launched_on = store.layout
         opts = store.options
         self._world = dist.get_world_size(group)
-        self._encoded = store.encode(bucket, store.delta_of(bucket, target))
+        self._encoded, self._residual = store.encode(bucket, store.delta_of(bucket, target))
         data = self._encoded.data
         if opts.compress == "int8":  # quantized sums would overflow and mix scales: gather, sum locally
             self._gathered: torch.Tensor | None = torch.empty(
@@ -278,4 +288,4 @@ class BucketDelta(BucketSync):
             mean = encoded.data.to(dtype)
         if self._divide:
             mean.div_(self._world)  # a fresh tensor, or the payload itself (no longer needed)
-        self.store.apply(self.bucket, self.launched_on, mean, self.target)
+        self.store.apply(self.bucket, self.launched_on, mean, self.target, self._residual)
