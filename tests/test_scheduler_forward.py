@@ -211,10 +211,11 @@ def test_forward_plan_beats_the_paper_modes_schedules_and_fill_in_costs_nothing(
     period = plain.period
     planned = plan(p, period, fill=False, overlap="forward")
     value = simulate(p, planned).period_s
+    # Ties within float noise are ties (hypothesis found 3.0000000015 against 3.0).
     for other in (plan(p, period, fill=False), plan(p, period, "contiguous", fill=False), plan(p, period, "plsgd")):
-        assert value <= simulate(p, other, overlap="forward").period_s + 1e-9
+        assert value <= simulate(p, other, overlap="forward").period_s * (1 + 1e-8) + 1e-9
     filled = fill_in(planned, p)
-    assert filled.overlap == "forward" and simulate(p, filled).period_s <= value + 1e-9
+    assert filled.overlap == "forward" and simulate(p, filled).period_s <= value * (1 + 1e-8) + 1e-9
     assert all(set(planned.iterations_of(n)) <= set(filled.iterations_of(n)) for n in p.names)
 
 
