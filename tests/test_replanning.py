@@ -115,6 +115,7 @@ def test_a_failed_replan_keeps_the_schedule_and_says_why(tmp_path):
     """Rank 0 cannot plan (no timings observed): the record says so and nothing switches or hangs."""
     from types import SimpleNamespace
 
+    from dreamddp.core.sync_options import SyncOptions
     from dreamddp.training.replanning import Replanner
 
     _profile_and_poor_schedule(tmp_path)
@@ -126,7 +127,7 @@ def test_a_failed_replan_keeps_the_schedule_and_says_why(tmp_path):
         schedule=schedule,
         period=4,
         cfg=SimpleNamespace(period=4),
-        ddp=SimpleNamespace(iteration=4, period_origin=0, overlap="backward"),
+        ddp=SimpleNamespace(iteration=4, period_origin=0, overlap="backward", sync=SyncOptions()),
         observed_timings=lambda: [],
         switch_schedule=switched.append,
     )

@@ -99,9 +99,10 @@ class Replanner:
 
     def _plan_from_observations(self) -> dict[str, Any]:
         observed = self.strategy.observed_timings()[-self.every * self.strategy.period :]
+        refreshed = refresh(self.profile, observed)
         # Observed buckets carry the bytes really sent (compressed): the refit prices a wire byte.
         options = self.strategy.ddp.sync
-        refreshed = priced_for(refresh(self.profile, observed), options)
+        refreshed = priced_for(refreshed, options)
         current: Schedule = self.strategy.schedule
         overlap = self.strategy.ddp.overlap  # the mode the wrapper runs (train.overlap may override the file's)
         max_delay = max(current.delays.values(), default=0) if overlap == "forward" else 0
