@@ -248,6 +248,7 @@ def _stats(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.slow  # five wrappers on two ranks
 def test_memory_and_bytes_are_reported() -> None:
     out = run_workers(_stats, 2)[0]
     n = out["elements"]

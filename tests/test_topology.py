@@ -54,7 +54,8 @@ def _groups(rank: int, world: int, env_site: str) -> dict:
     return {"map": list(topology.site_of), "local": topology.local, "intra": intra.item(), "cross": cross.item()}
 
 
-@pytest.mark.parametrize("env_site", ["", pytest.param("5,9,5,9", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 4 ranks
+@pytest.mark.parametrize("env_site", ["", "5,9,5,9"])
 def test_two_sites_of_two_ranks_get_their_groups(env_site: str) -> None:
     out = run_workers(_groups, 4, env_site, timeout=90)
     site_of = out[0]["map"]
