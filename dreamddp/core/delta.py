@@ -107,7 +107,7 @@ class DeltaState:
         self._settle()
 
         def moved(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-            out = [self._companion(flat, tensors[0].dtype) for flat in new.flats]
+            out = [self._companion(flat, anchor_dtype(flat.dtype)) for flat in new.flats]  # as __init__ made them
             for unit_id, segments in new.segments.items():
                 for was, now in zip(old.segments[unit_id], segments, strict=True):
                     out[now.key][now.start : now.end].copy_(tensors[was.key][was.start : was.end])
