@@ -356,3 +356,22 @@ def _join(rank: int, world: int) -> str:
 def test_join_is_refused_in_one_line() -> None:
     for message in run_workers(_join, 2):
         assert message.startswith("Join([ddp]) with sync='delta' is not supported")
+
+
+def _delayed_across_relayout(rank: int, world: int) -> float:
+    """A delayed unit launched in the first backward lands after the learned launch order moved
+    the storage: its anchor must be found through the layout it was launched on."""
+    torch.manual_seed(0)
+    base = ScrambledMLP()
+    names = [u.name for u in sync_units(base)]
+    schedule = Schedule(period=3, assignment={n: [0] for n in names}, delays={names[0]: 1}, overlap="forward")
+    out = []
+    for sync in ("average", "delta"):
+        ddp, _ = _run(copy.deepcopy(base), schedule, sync, rank, steps=7, overlap="forward")
+        out.append(torch.cat([p.detach().reshape(-1) for p in ddp.module.state_dict().values()]))
+    return float((out[0] - out[1]).abs().max())
+
+
+@pytest.mark.slow
+def test_a_delayed_delta_lands_across_a_relayout() -> None:
+    assert max(run_workers(_delayed_across_relayout, 2)) < 1e-6

@@ -31,6 +31,7 @@ from dreamddp.core.buckets import Bucket
 from dreamddp.core.collectives import BucketSync, average_op
 from dreamddp.core.compress import Encoded, allreduce_equivalent_bytes, decode_data, with_feedback
 from dreamddp.core.flat import FlatLayout
+from dreamddp.core.landing import unit_slices
 from dreamddp.core.state import SyncState
 from dreamddp.core.sync_options import SyncOptions
 from dreamddp.emulation.link import SimulatedLink
@@ -199,10 +200,10 @@ class DeltaState:
         if launched_on is self.layout:
             return [(0, bucket.size, bucket.key, bucket.start)]
         pieces = []
-        for unit_id in bucket.units:
-            for was, now in zip(launched_on.segments[unit_id], self.layout.segments[unit_id], strict=True):
-                if was.key == bucket.key and bucket.start <= was.start < bucket.end:
-                    pieces.append((was.start - bucket.start, was.end - bucket.start, now.key, now.start))
+        for unit_id, slices in unit_slices(bucket, launched_on).items():  # as landing finds a delayed unit
+            for piece in slices:
+                now = self.layout.segments[unit_id][piece.segment]
+                pieces.append((piece.start, piece.end, now.key, now.start))
         return pieces
 
     # ------------------------------------------------------------------ checkpoints
