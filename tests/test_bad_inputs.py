@@ -469,6 +469,13 @@ CLI_CASES = [
         setup=_good_profile,
     ),
     CliCase(
+        "plan-unknown-compressor",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "s.json", "--sync", "delta", "--compress", "int4"),
+        ("plan.compress", "'int4'", "none, bf16, int8"),
+        setup=_good_profile,
+    ),
+    CliCase(
         "plan-period-unbounded",
         "plan",
         ("--profile", "profile.json", "--period", "100000", "--out", "schedule.json"),
