@@ -125,8 +125,13 @@ def reference_partial_local_sgd(
     steps: int,
     optimizer: str,
     kind: str,
+    site_of: Sequence[int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Partial local SGD written the slow, obvious way: one model copy per rank in one process.
+
+    ``site_of`` (two-level): after every backward, the ranks of a site take their site's mean
+    gradients and floating buffers, so they are one replica; the scheduled means are then
+    over all ranks, which is the mean over sites.
 
     Each step: every copy computes its local gradient; the units scheduled at h = t mod H
     have their parameters and floating buffers replaced by the mean over copies; then every
@@ -158,6 +163,8 @@ def reference_partial_local_sgd(
             opt.zero_grad()
             x, y = make_batch(kind, rank, step)
             loss_of(kind, model(x), y).backward()
+        if site_of is not None:
+            _site_means(models, units_per_rank, site_of)
         h = step % schedule.period
         with torch.no_grad():
             for u_index, unit in enumerate(units_per_rank[0]):
@@ -176,3 +183,22 @@ def reference_partial_local_sgd(
             opt.step()
     land(float("inf"))  # what is still in flight lands at the end (the wrapper's flush)
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+
+
+@torch.no_grad()
+def _site_means(models: list[nn.Module], units_per_rank: list, site_of: Sequence[int]) -> None:
+    """Every rank takes its site's mean gradients and floating buffers (two-level's inner level)."""
+    for site in set(site_of):
+        ranks = [r for r, s in enumerate(site_of) if s == site]
+        params = [list(models[r].parameters()) for r in ranks]
+        for same in zip(*params, strict=True):
+            if same[0].grad is not None:
+                mean = torch.stack([p.grad for p in same]).mean(0)
+                for p in same:
+                    p.grad.copy_(mean)
+        for u_index in range(len(units_per_rank[0])):
+            for b_index in range(len(units_per_rank[0][u_index].buffers)):
+                copies = [units_per_rank[r][u_index].buffers[b_index] for r in ranks]
+                mean = torch.stack(copies).mean(0)
+                for c in copies:
+                    c.copy_(mean)

@@ -47,6 +47,7 @@ class _Claim:
     delays: dict[str, int]
     frozen: list[Frozen] = field(default_factory=list)  # frozen parameters, in registration order
     sync: str = "average"  # SyncOptions.describe(): the arithmetic and the collectives of a sync
+    hierarchy: str = "flat"  # the wrapper's hierarchy argument (and ranks_per_site): decides the collectives
 
 
 def digest_weights(device: torch.device) -> torch.Tensor:
@@ -129,6 +130,7 @@ def check_agreement(
     group: dist.ProcessGroup | None,
     overlap: str = "backward",
     sync: str = "average",
+    hierarchy: str = "flat",
 ) -> None:
     """Raise the same one-line error on every rank unless all agree on model and schedule.
 
@@ -149,6 +151,7 @@ def check_agreement(
         delays=dict(schedule.delays),
         frozen=_frozen_claims(units.frozen if isinstance(units, SyncUnits) else (), dist.get_world_size(group)),
         sync=sync,
+        hierarchy=hierarchy,
     )
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
@@ -178,6 +181,11 @@ def check_agreement(
             raise ValueError(
                 f"sync differs across ranks: rank {rank} uses {theirs.sync!r}, rank 0 {reference.sync!r}; "
                 "every rank must synchronize the same way"
+            )
+        if theirs.hierarchy != reference.hierarchy:
+            raise ValueError(
+                f"hierarchy differs across ranks: rank {rank} uses {theirs.hierarchy!r}, rank 0 "
+                f"{reference.hierarchy!r}; every rank must synchronize the same way"
             )
         if (theirs.period, theirs.assignment, theirs.delays) != (
             reference.period,

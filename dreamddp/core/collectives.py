@@ -76,6 +76,8 @@ class BucketSync:
     ``track_done``, the host time its result became usable, for ``record_timings``.
     """
 
+    site_bytes = 0  # two-level sync (dreamddp.core.hierarchy): bytes it moves inside the site
+
     def __init__(
         self, work: dist.Work, nbytes: int, device: torch.device, link: SimulatedLink | None, track_done: bool
     ) -> None:

@@ -46,6 +46,7 @@ from dreamddp.core.compress import check_world
 from dreamddp.core.delta import DeltaState
 from dreamddp.core.extra_state import export_extra_state, restore_extra_state
 from dreamddp.core.forward_reads import FORWARDS_CHECKED, ForwardReads
+from dreamddp.core.hierarchy import HIERARCHIES, BucketSiteAverage, SiteLevel
 from dreamddp.core.join import DreamDDPJoinHook, join_device
 from dreamddp.core.landing import Landing
 from dreamddp.core.observer import TIMINGS_KEPT, TimingObserver
@@ -54,6 +55,7 @@ from dreamddp.core.schedule import OVERLAPS, Schedule
 from dreamddp.core.state import SyncState, initial_order
 from dreamddp.core.sync_options import SyncOptions
 from dreamddp.core.timing import ObservedIteration
+from dreamddp.core.topology import Topology, discover
 from dreamddp.core.units import SyncUnit, sync_units
 from dreamddp.emulation.link import SimulatedLink
 from dreamddp.validation import positive_number
@@ -68,7 +70,8 @@ class IterationStats:
     iteration: int = 0
     phase: int = 0  # h = iteration mod period
     units: list[str] = field(default_factory=list)
-    bytes_sent: int = 0  # payload bytes all-reduced by this rank
+    bytes_sent: int = 0  # payload bytes all-reduced by this rank (two-level: across sites, its shard)
+    site_bytes_sent: int = 0  # two-level: bytes moved inside the site (gradients, all-gathers)
     buckets: int = 0
     wait_s: float = 0.0  # host time blocked on communication: end of backward + forward stalls
     backward_wait_s: float = 0.0  # blocked at the end of backward (the paper's mode)
@@ -93,6 +96,7 @@ class IterationStats:
             phase=report.phase,
             units=schedule.units_at(report.phase),
             bytes_sent=report.bytes_sent,
+            site_bytes_sent=report.site_bytes,
             buckets=report.buckets,
             wait_s=report.wait_s + stall_s,
             backward_wait_s=report.wait_s,
@@ -129,6 +133,14 @@ class DreamDDP(nn.Module, Joinable):
             (anchor − weights, optionally compressed with error feedback) steps the anchor
             through an outer optimizer (DiLoCo's Nesterov, per unit), and the weights become the
             new anchor. Same hooks, same overlap, same schedule (``dreamddp.core.sync_options``).
+        hierarchy: ``"flat"`` (default): every rank is its own replica on one group.
+            ``"hierarchical"``: ranks are grouped in sites (``dreamddp.core.topology``: one per
+            node by default, ``ranks_per_site`` or ``DREAMDDP_SITE`` to override); inside a site
+            gradients are averaged every step, so its ranks are one replica, and the schedule's
+            averages cross sites sharded, each site sending the scheduled bytes once
+            (``dreamddp.core.hierarchy``). ``"auto"``: hierarchical when there are several sites
+            of several ranks, else flat. Collective, and every rank must pass the same value.
+        ranks_per_site: consecutive ranks per site, when the environment does not say.
     """
 
     def __init__(
@@ -143,6 +155,8 @@ class DreamDDP(nn.Module, Joinable):
         record_timings: bool = False,
         overlap: str | None = None,
         sync: str | SyncOptions = "average",
+        hierarchy: str = "flat",
+        ranks_per_site: int | None = None,
     ) -> None:
         super().__init__()
         Joinable.__init__(self)  # torch's Join([ddp]) for uneven inputs (dreamddp.core.join)
@@ -156,6 +170,12 @@ class DreamDDP(nn.Module, Joinable):
                 f"the schedule delays {len(schedule.delays)} units, which needs overlap='forward', got {overlap!r}"
             )
         positive_number("bucket_cap_mb", bucket_cap_mb)
+        if hierarchy not in HIERARCHIES:
+            raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}, got {hierarchy!r}")
+        if ranks_per_site is not None and (
+            isinstance(ranks_per_site, bool) or not isinstance(ranks_per_site, int) or ranks_per_site < 1
+        ):
+            raise ValueError(f"ranks_per_site must be a positive integer, got {ranks_per_site!r}")
         self.sync = SyncOptions.of(sync)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -169,7 +189,26 @@ class DreamDDP(nn.Module, Joinable):
         if self.sync.delta:
             check_world(self.sync.compress, dist.get_world_size(self.process_group))
         units = sync_units(module)
-        check_agreement(units, schedule, self.process_group, overlap, sync=self.sync.describe())
+        hierarchy_claim = hierarchy if ranks_per_site is None else f"{hierarchy}, ranks_per_site={ranks_per_site}"
+        check_agreement(
+            units, schedule, self.process_group, overlap, sync=self.sync.describe(), hierarchy=hierarchy_claim
+        )
+        self.topology: Topology | None = None  # two-level only
+        self._site = None
+        if hierarchy != "flat":
+            topology = discover(self.process_group, ranks_per_site)
+            if topology.hierarchical:
+                if self.sync.delta:
+                    raise ValueError(
+                        f"sync='delta' with two-level synchronization ({topology.describe()}) is not supported yet: "
+                        "use hierarchy='flat' or sync='average'"
+                    )
+                self.topology, self._site = topology, SiteLevel(topology, self.bucket_cap_bytes)
+            elif hierarchy == "hierarchical":
+                raise ValueError(
+                    f"hierarchy='hierarchical' needs several sites of several ranks, found {topology.describe()}; "
+                    "use hierarchy='auto' or 'flat', or set ranks_per_site / DREAMDDP_SITE"
+                )
         self._state = SyncState(module, schedule, self.bucket_cap_bytes, initial_order(units))
         if broadcast_from_rank0:
             src = dist.get_global_rank(self.process_group, 0)
@@ -201,6 +240,7 @@ class DreamDDP(nn.Module, Joinable):
             on_finish=finished,
             joinable=wrapper,
             delta=self._delta,
+            site=self._site,
         )
 
     # ------------------------------------------------------------------ API
@@ -238,6 +278,11 @@ class DreamDDP(nn.Module, Joinable):
             raise ValueError(
                 "Join([ddp]) with sync='delta' is not supported: a rank that runs out of data would miss "
                 "the anchor updates every rank must share; give every rank the same number of batches"
+            )
+        if self._site is not None:
+            raise ValueError(
+                "Join([ddp]) with two-level synchronization is not supported: a rank that runs out of data would "
+                "stall its site's per-step gradient average; give every rank the same number of batches"
             )
         return DreamDDPJoinHook(self, **kwargs)
 
@@ -339,7 +384,12 @@ class DreamDDP(nn.Module, Joinable):
         self.flush()
         if not self._state.layout.intact():
             self._state.lay_out()
-        pending = [BucketAverage([chunk], self.process_group, self.link) for chunk in self._state.chunks()]
+        pending: list[BucketAverage | BucketSiteAverage] = [
+            BucketAverage([chunk], self.process_group, self.link)
+            if self._site is None
+            else BucketSiteAverage(chunk, self._site, self.link)
+            for chunk in self._state.chunks()
+        ]
         for bucket in pending:
             bucket.wait()
         self.total_bytes_sent += sum(b.nbytes for b in pending)
@@ -349,10 +399,10 @@ class DreamDDP(nn.Module, Joinable):
         return super().state_dict(*args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return export_extra_state(self._state, self._landing, self._delta)
+        return export_extra_state(self._state, self._landing, self._delta, self._sites)
 
     def set_extra_state(self, state: Any) -> None:
-        restore_extra_state(state, self._state, self._landing, self._reducer, self._delta)
+        restore_extra_state(state, self._state, self._landing, self._reducer, self._delta, self._sites)
 
     def observed_timings(self) -> list[ObservedIteration]:
         """What the last (up to TIMINGS_KEPT) synchronising iterations really did, in seconds.
@@ -369,6 +419,10 @@ class DreamDDP(nn.Module, Joinable):
         self._landing.remove_hooks()
 
     # ---------------------------------------------------------------- wiring
+    @property
+    def _sites(self) -> str | None:
+        return self.topology.describe() if self.topology is not None else None
+
     def _finished(self, report: BackwardReport) -> None:
         """The reducer finished a synchronising backward: keep its statistics."""
         stall_s, events = self._landing.take_stalls()

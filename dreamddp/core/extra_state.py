@@ -19,8 +19,10 @@ from dreamddp.core.state import SyncState
 __all__ = ["export_extra_state", "restore_extra_state"]
 
 
-def export_extra_state(state: SyncState, landing: Landing, delta: DeltaState | None = None) -> dict[str, Any]:
-    """Plain values only: the checkpoint is loaded with ``weights_only``."""
+def export_extra_state(
+    state: SyncState, landing: Landing, delta: DeltaState | None = None, sites: str | None = None
+) -> dict[str, Any]:
+    """Plain values only: the checkpoint is loaded with ``weights_only``. ``sites``: two-level's shape."""
     delayed = landing.export()  # first: finishing a delayed delta sync steps its anchors
     return {
         "delta": delta.export() if delta is not None else None,
@@ -29,11 +31,17 @@ def export_extra_state(state: SyncState, landing: Landing, delta: DeltaState | N
         "period": state.schedule.period,
         "order": list(state.order),
         "delayed": delayed,
+        "sites": sites,
     }
 
 
 def restore_extra_state(
-    saved: Any, state: SyncState, landing: Landing, reducer: Reducer, delta: DeltaState | None = None
+    saved: Any,
+    state: SyncState,
+    landing: Landing,
+    reducer: Reducer,
+    delta: DeltaState | None = None,
+    sites: str | None = None,
 ) -> None:
     """Check ``saved`` against this wrapper (one-line ValueErrors), then adopt it."""
     period = state.schedule.period
@@ -42,6 +50,11 @@ def restore_extra_state(
     if saved.get("period") != period:
         raise ValueError(
             f"checkpoint was written with period {saved.get('period')!r}, this schedule has period {period}"
+        )
+    if isinstance(saved, dict) and saved.get("sites") != sites:
+        # Two-level keeps a site's ranks identical; flat lets them drift: neither resumes the other.
+        raise ValueError(
+            f"checkpoint was written with {_sites_words(saved.get('sites'))}, this DreamDDP runs {_sites_words(sites)}"
         )
     order = saved.get("order")
     if order is not None:
@@ -61,3 +74,7 @@ def restore_extra_state(
     if delta is not None:
         delta.restore(saved.get("delta"))
     landing.restore(saved.get("delayed", []))
+
+
+def _sites_words(sites: str | None) -> str:
+    return f"two-level synchronization ({sites})" if sites else "flat synchronization"

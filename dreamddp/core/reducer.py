@@ -25,6 +25,7 @@ from torch.distributed.algorithms.join import Joinable
 from dreamddp.core.buckets import Bucket
 from dreamddp.core.collectives import ActiveRanks, BucketAverage, BucketSync
 from dreamddp.core.delta import BucketDelta, DeltaState
+from dreamddp.core.hierarchy import BucketSiteAverage, SiteLevel
 from dreamddp.core.join import active_ranks
 from dreamddp.core.landing import InFlight, Landing, unit_slices
 from dreamddp.core.observer import TimingObserver
@@ -45,6 +46,7 @@ class BackwardReport:
     bytes_sent: int
     buckets: int
     wait_s: float  # blocked at the end of backward
+    site_bytes: int = 0  # two-level: sent inside the site (gradients every step, all-gathers of averages)
 
 
 class Reducer:
@@ -62,9 +64,11 @@ class Reducer:
         on_finish: Callable[[BackwardReport], None],
         joinable: Callable[[], Joinable | None] = lambda: None,
         delta: DeltaState | None = None,
+        site: SiteLevel | None = None,
     ) -> None:
         self.state = state
         self.delta = delta  # sync="delta": buckets send pseudo-gradients and step anchors
+        self.site = site  # two-level: gradients averaged inside the site, averages sharded across sites
         self.landing = landing
         self.group = group
         self.link = link
@@ -120,6 +124,9 @@ class Reducer:
         self._launched = []
         if self.observer is not None:
             self.observer.backward_started()
+        if self.site is not None:
+            self.site.gradients.start(self.state.units, self.state.order)
+            self.site.buffers.start(self.state.units, self.state.order, self.state.layout.flats)
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _on_grad_ready(self, unit_id: int) -> None:
@@ -134,6 +141,9 @@ class Reducer:
             self._ready[unit_id] = True
             self._observed.append(unit_id)
             self._launch_ready_buckets(force=False)
+            if self.site is not None:
+                self.site.gradients.launch_ready(self._ready)
+                self.site.advance()
 
     @torch.no_grad()
     def _launch_ready_buckets(self, force: bool) -> None:
@@ -144,6 +154,8 @@ class Reducer:
             bucket = plan[self._next_bucket]
             if not force and not all(self._ready[i] for i in bucket.units):
                 return
+            if self.site is not None:
+                self.site.buffers.settle(bucket.units)  # what crosses sites (or is snapshotted) is the site's
             view = state.layout.view(bucket.key, bucket.start, bucket.end)
             if self.observer is not None:
                 self.observer.bucket_launched()
@@ -171,6 +183,8 @@ class Reducer:
         track = self.observer is not None
         if self.delta is not None:
             return BucketDelta(target, bucket, self.delta, self.group, self.link, track_done=track)
+        if self.site is not None:
+            return BucketSiteAverage(target, self.site, self.link, track_done=track)
         return BucketAverage([target], self.group, self.link, track_done=track, divisor=self._divisor)
 
     @torch.no_grad()
@@ -180,6 +194,12 @@ class Reducer:
         try:
             self._launch_ready_buckets(force=True)
             start = time.perf_counter()
+            site_bytes = 0
+            if self.site is not None:  # the optimizer needs the site's mean gradients: always waited for here
+                self.site.gradients.launch_ready(self._ready, force=True)
+                self.site.gradients.finish()
+                self.site.buffers.settle()
+                site_bytes = self.site.gradients.bytes_sent + self.site.buffers.bytes_sent
             if self.overlap == "forward" and self.order_rebuilt:
                 for inflight in self._launched:
                     landing.add(inflight)
@@ -202,7 +222,8 @@ class Reducer:
                 names = [u.name for u in state.units]
                 self.observer.backward_finished(state.iteration, state.phase, names, launched)
             sent = sum(average.nbytes for _, average in launched)
-            self.on_finish(BackwardReport(state.iteration, state.phase, sent, len(launched), wait_s))
+            site_bytes += sum(average.site_bytes for _, average in launched)
+            self.on_finish(BackwardReport(state.iteration, state.phase, sent, len(launched), wait_s, site_bytes))
             state.iteration += 1
             if not self.order_rebuilt:
                 self.order_rebuilt = True
@@ -219,6 +240,9 @@ class Reducer:
         the iteration counter is not advanced, so the failed iteration is simply retried.
         """
         try:
+            if self.site is not None:
+                self.site.gradients.abandon()
+                self.site.buffers.abandon()
             for inflight in self._launched:
                 if inflight.average is not None:
                     inflight.average.wait()

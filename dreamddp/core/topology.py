@@ -2,9 +2,12 @@
 
 A geo-distributed job is sites (a node, a data centre) joined by a slow WAN, each with one or
 more ranks on a fast local network. Two-level synchronization (every step inside a site,
-layer-wise across sites) needs every rank to know the same site map, and two process groups
-per rank: its site's ranks (``intra``) and the ranks with its own index at every other site
-(``cross``, one group per local index, so each carries 1/G of the cross-site traffic).
+layer-wise across sites) needs every rank to know the same site map, and three process groups
+per rank: its site's ranks (``intra``, the per-step gradient all-reduce), the same ranks again
+(``gather``, the all-gather that reassembles a cross-site average: it is launched when the
+cross-site part finishes, not in backward's order, so it must not share a queue with the
+gradients), and the ranks with its own index at every other site (``cross``, one group per
+local index, so each carries 1/G of the cross-site traffic).
 
 Where a rank's site comes from, first match wins:
 
@@ -41,6 +44,7 @@ class Topology:
     rank: int
     intra: Any = field(default=None, compare=False)  # dist.ProcessGroup of this rank's site
     cross: Any = field(default=None, compare=False)  # dist.ProcessGroup of this local index across sites
+    gather: Any = field(default=None, compare=False)  # dist.ProcessGroup of this rank's site, for all-gathers
 
     @property
     def sites(self) -> int:
@@ -65,6 +69,9 @@ class Topology:
     def peers(self, local: int) -> list[int]:
         """Global ranks with local index ``local``, one per site, in site order."""
         return [self.members(s)[local] for s in range(self.sites)]
+
+    def describe(self) -> str:
+        return f"{self.sites} sites x {self.ranks_per_site} ranks"
 
     @property
     def hierarchical(self) -> bool:
@@ -109,12 +116,15 @@ def site_map(claims: list[tuple[str, int, int | None]]) -> tuple[int, ...]:
     return site_of
 
 
-def discover(group: dist.ProcessGroup | None = None, ranks_per_site: int | None = None) -> Topology:
+def discover(
+    group: dist.ProcessGroup | None = None, ranks_per_site: int | None = None, *, with_groups: bool = True
+) -> Topology:
     """Every rank's site, agreed by one all-gather, and this rank's intra- and cross-site groups.
 
     Collective: every rank of the world calls it, in the same order as its other collectives
     (``new_group`` is collective too: all sites' and all local indices' groups are created on
-    every rank, in the same order, as torch requires).
+    every rank, in the same order, as torch requires). ``with_groups=False``, or a topology
+    that is not hierarchical, creates no group (the map alone costs one all-gather).
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     problem = None
@@ -128,17 +138,20 @@ def discover(group: dist.ProcessGroup | None = None, ranks_per_site: int | None 
         if claim[3] is not None:
             raise ValueError(claim[3] if r == rank else f"rank {r}: {claim[3]}")
     topology = Topology(site_map([(c[0], c[1], c[2]) for c in claims]), rank)
+    if not with_groups or not topology.hierarchical:
+        return topology
     global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
-    intra = cross = None
+    intra = cross = gather = None
     for s in range(topology.sites):
-        created = dist.new_group([global_ranks[r] for r in topology.members(s)])
+        members = [global_ranks[r] for r in topology.members(s)]
+        created, for_gathers = dist.new_group(members), dist.new_group(members)
         if s == topology.site:
-            intra = created
+            intra, gather = created, for_gathers
     for local in range(topology.ranks_per_site):
         created = dist.new_group([global_ranks[r] for r in topology.peers(local)])
         if local == topology.local:
             cross = created
-    return Topology(topology.site_of, rank, intra, cross)
+    return Topology(topology.site_of, rank, intra, cross, gather)
 
 
 def _int_env(name: str, value: str) -> int:
