@@ -43,14 +43,14 @@ TINY_GPT = [
 
 
 def _torchrun(
-    tmp: Path, name: str, overrides: list[str], *, max_restarts: int = 0, fault: str = ""
+    tmp: Path, name: str, overrides: list[str], *, max_restarts: int = 0, fault: str = "", nproc: int = 2
 ) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc-per-node=2",
+        f"--nproc-per-node={nproc}",
         f"--max-restarts={max_restarts}",
         "--monitor-interval=0.2",
         "-m",
@@ -110,16 +110,24 @@ def _assert_same(a, b, where: str) -> None:
     "algorithm",
     [
         "dreamddp",
-        *(pytest.param(a, marks=pytest.mark.slow) for a in ("local_sgd", "post_local_sgd", "ssgd", "dreamddp-delta")),
+        *(
+            pytest.param(a, marks=pytest.mark.slow)
+            for a in ("local_sgd", "post_local_sgd", "ssgd", "dreamddp-delta", "dreamddp-two-level", "hier_local_sgd")
+        ),
     ],
 )
 def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
     extra = [f'train.algorithm="{algorithm}"']
+    nproc = 2
     if algorithm == "dreamddp-delta":  # anchors, outer momentum and int8 residuals resume too
         extra = ['train.algorithm="dreamddp"', 'train.sync="delta"', 'train.outer="nesterov"', 'train.compress="int8"']
+    if algorithm in ("dreamddp-two-level", "hier_local_sgd"):  # 2 sites x 2 ranks
+        nproc = 4
+        extra = [f'train.algorithm="{algorithm.removesuffix("-two-level")}"', "train.ranks_per_site=2"]
+        extra.append('train.hierarchy="hierarchical"')
     if algorithm == "post_local_sgd":
         extra.append("train.post_local_warmup=2")
-    reference = _torchrun(tmp_path, "reference", extra)
+    reference = _torchrun(tmp_path, "reference", extra, nproc=nproc)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run = _torchrun(
@@ -128,13 +136,14 @@ def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
         extra + ["train.checkpoint_every=3", "train.checkpoint_average=true"],
         max_restarts=1,
         fault="kill@1:7",
+        nproc=nproc,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     # The survivor said, in one line, who stopped and where; no Python traceback from the trainer.
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("dreamddp train: error:")]
     assert lines, run.stderr[-3000:]
-    # Rank 0 stops at the first collective after rank 1's death: at 7, or where local SGD next syncs.
-    assert re.search(r"rank 0 stopped at iteration [78]\b.*rank 1 ", lines[0]), lines[0]
+    # A survivor stops at the first collective after rank 1's death: at 7, or where local SGD next syncs.
+    assert re.search(r"rank [023] stopped at iteration [78]\b.*rank 1 ", lines[0]), lines[0]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     records = [json.loads(ln) for ln in (tmp_path / "killed.jsonl").read_text().splitlines()]
     resumes = [r for r in records if r.get("event") == "resume"]
@@ -142,23 +151,25 @@ def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
 
     ref_losses, run_losses = _losses(tmp_path / "reference.jsonl"), _losses(tmp_path / "killed.jsonl")
     assert ref_losses == run_losses  # exact float equality, every iteration
-    for rank in (0, 1):
+    for rank in range(nproc):
         ref, got = _final_state(tmp_path / "reference", rank), _final_state(tmp_path / "killed", rank)
         assert ref["step"] == got["step"] == 10
         for key in ("model", "optimizer", "lr_scheduler", "strategy"):
             _assert_same(ref[key], got[key], f"rank {rank} {key}")
-    _check_averaged_export(tmp_path / "killed")
+    _check_averaged_export(tmp_path / "killed", nproc)
 
 
-def _check_averaged_export(directory: Path) -> None:
+def _check_averaged_export(directory: Path, nproc: int = 2) -> None:
     """train.checkpoint_average: rank 0 also wrote the ranks' mean model, beside their own states."""
     step_dir = directory / (directory / "latest").read_text().strip()
     averaged = torch.load(step_dir / "averaged.pt", weights_only=True)
-    ranks = [{k.removeprefix("module."): v for k, v in _final_state(directory, r)["model"].items()} for r in (0, 1)]
+    ranks = [
+        {k.removeprefix("module."): v for k, v in _final_state(directory, r)["model"].items()} for r in range(nproc)
+    ]
     floats = [k for k, v in averaged.items() if v.is_floating_point()]
     assert floats and all(k in ranks[0] for k in averaged), sorted(set(averaged) - set(ranks[0]))
     for k in floats:
-        torch.testing.assert_close(averaged[k], (ranks[0][k] + ranks[1][k]) / 2, msg=k)
+        torch.testing.assert_close(averaged[k], sum(r[k] for r in ranks) / nproc, msg=k)
     committed = [d for d in directory.glob("step-*") if (d / "meta.json").exists()]
     assert committed and all((d / "averaged.pt").exists() for d in committed), "every checkpoint has its export"
 

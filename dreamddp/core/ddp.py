@@ -46,7 +46,7 @@ from dreamddp.core.compress import check_world
 from dreamddp.core.delta import DeltaState
 from dreamddp.core.extra_state import export_extra_state, restore_extra_state
 from dreamddp.core.forward_reads import FORWARDS_CHECKED, ForwardReads
-from dreamddp.core.hierarchy import HIERARCHIES, BucketSiteAverage, SiteLevel
+from dreamddp.core.hierarchy import BucketSiteAverage, SiteLevel
 from dreamddp.core.join import DreamDDPJoinHook, join_device
 from dreamddp.core.landing import Landing
 from dreamddp.core.observer import TIMINGS_KEPT, TimingObserver
@@ -55,7 +55,7 @@ from dreamddp.core.schedule import OVERLAPS, Schedule
 from dreamddp.core.state import SyncState, initial_order
 from dreamddp.core.sync_options import SyncOptions
 from dreamddp.core.timing import ObservedIteration
-from dreamddp.core.topology import Topology, discover
+from dreamddp.core.topology import HIERARCHIES, Topology, discover
 from dreamddp.core.units import SyncUnit, sync_units
 from dreamddp.emulation.link import SimulatedLink
 from dreamddp.validation import positive_number

@@ -36,7 +36,7 @@ from torch.autograd.grad_mode import _unsafe_preserve_version_counter
 
 from dreamddp.core.buckets import pack_in_order
 from dreamddp.core.collectives import BucketSync, average_op, pack_buckets
-from dreamddp.core.topology import Topology
+from dreamddp.core.topology import HIERARCHIES, Topology
 from dreamddp.core.units import SyncUnit
 from dreamddp.emulation.link import SimulatedLink
 
@@ -50,7 +50,6 @@ __all__ = [
     "gradient_buckets",
 ]
 
-HIERARCHIES = ("auto", "flat", "hierarchical")
 _ONE_BUCKET = 2**62  # buffers are small: one all-reduce per dtype
 
 

@@ -31,9 +31,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["SITE_ENV", "Topology", "claim_site", "discover"]
+__all__ = ["HIERARCHIES", "SITE_ENV", "Topology", "claim_site", "discover"]
 
 SITE_ENV = "DREAMDDP_SITE"
+HIERARCHIES = ("auto", "flat", "hierarchical")  # what a wrapper (train.hierarchy) may ask for
 
 
 @dataclass(frozen=True)

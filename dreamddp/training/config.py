@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from dreamddp.core.sync_options import SyncOptions
+from dreamddp.core.topology import HIERARCHIES
 from dreamddp.emulation.link import LinkSpec
 from dreamddp.validation import (
     is_int,
@@ -47,7 +48,8 @@ __all__ = [
 # The training algorithms, in the order tables list them. The one list: the benchmark and its
 # report derive theirs from it.
 MAX_PERIOD = 100_000  # H beyond any real run; the wrapper holds one bucket plan per iteration of it
-ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "plsgd", "dreamddp")
+ALGORITHMS = ("none", "ssgd", "local_sgd", "post_local_sgd", "hier_local_sgd", "plsgd", "dreamddp")
+TWO_LEVEL_ALGORITHMS = ("plsgd", "dreamddp", "hier_local_sgd")  # the ones train.hierarchy applies to
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -153,6 +155,11 @@ class TrainConfig:
     compress: str = "none"  # delta: none | bf16 | int8 (per-block absmax), with error feedback
     compress_block: int = 256  # int8: elements per scale
     anchor_device: str = "param"  # delta: "param" (beside the weights) | "cpu" (host memory, as DiLoCo)
+    # Several ranks per site (dreamddp.core.topology): "auto" = two-level when there are several sites
+    # of several ranks (gradients every step inside a site, the schedule across sites), "flat" = every
+    # rank its own replica, "hierarchical" = two-level or a one-line error.
+    hierarchy: str = "auto"
+    ranks_per_site: int = 0  # 0 = from the environment (DREAMDDP_SITE, torchrun's GROUP_RANK, NODE_RANK)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -217,6 +224,14 @@ class TrainConfig:
                 f"train.replan_every={self.replan_every} needs train.algorithm='dreamddp' and train.profile "
                 f"(the profile to refresh from the job's own timings); got algorithm {self.algorithm!r}, "
                 f"profile {self.profile!r} (or set train.replan_every=0)"
+            )
+        if self.hierarchy not in HIERARCHIES:
+            raise ValueError(f"train.hierarchy {self.hierarchy!r} is unknown; choose one of: {', '.join(HIERARCHIES)}")
+        non_negative_int("train.ranks_per_site", self.ranks_per_site)
+        if self.hierarchy == "hierarchical" and self.algorithm not in TWO_LEVEL_ALGORITHMS:
+            raise ValueError(
+                f"train.hierarchy='hierarchical' needs train.algorithm one of {', '.join(TWO_LEVEL_ALGORITHMS)}, "
+                f"got {self.algorithm!r} (or set train.hierarchy=auto)"
             )
         options = self.sync_options  # validates train.sync and the delta keys, one line each
         if options.delta and self.algorithm not in ("plsgd", "dreamddp"):

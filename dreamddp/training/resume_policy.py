@@ -47,6 +47,9 @@ TRAIN_KEYS: dict[str, frozenset[str]] = {
             "outer_momentum",
             "compress",
             "compress_block",
+            # Two-level keeps a site's ranks one replica; flat lets them drift: neither resumes the other.
+            "hierarchy",
+            "ranks_per_site",
         }
     ),
     # Written into the restored optimizer / LR schedule, or read from the config every iteration.

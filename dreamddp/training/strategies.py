@@ -10,6 +10,8 @@ never looks inside a strategy, so a wrapper's internals can change without touch
 - ``ssgd``: torch ``DistributedDataParallel`` (gradient all-reduce overlapped with backward).
 - ``local_sgd``: every parameter averaged every H iterations after the step, bucketed.
 - ``post_local_sgd``: torch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager``.
+- ``hier_local_sgd``: torch's two-level recipe: gradients every step inside a site (DDP's
+  ``post_localSGD_hook`` on the site's subgroup), ``HierarchicalModelAverager`` every H.
 - ``plsgd``: DreamDDP with H contiguous groups of about equal bytes (no profile).
 - ``dreamddp``: DreamDDP with a schedule file (the scheduler's output), else PLSGD's groups.
 
@@ -24,13 +26,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+from torch.distributed.algorithms.model_averaging.hierarchical_model_averager import HierarchicalModelAverager
 from torch.distributed.optim import PostLocalSGDOptimizer
 
 from dreamddp.core.agreement import check_frozen
@@ -38,6 +43,7 @@ from dreamddp.core.collectives import average_tensors
 from dreamddp.core.ddp import DreamDDP
 from dreamddp.core.schedule import SCHEDULE_FORMAT, Schedule
 from dreamddp.core.timing import ObservedIteration
+from dreamddp.core.topology import discover
 from dreamddp.core.units import sync_units
 from dreamddp.emulation.link import SimulatedLink, sleep_until
 from dreamddp.training.config import TrainConfig
@@ -260,14 +266,16 @@ class PostLocalSGD(Strategy):
     def __init__(self, model: nn.Module, cfg: TrainConfig, link: SimulatedLink | None) -> None:
         super().__init__(model, cfg, link)
         self.model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        subgroup = self._gradient_subgroup()
         state = PostLocalSGDState(
             process_group=None,
-            subgroup=None,
+            subgroup=subgroup,
             start_localSGD_iter=cfg.post_local_warmup,
-            post_local_gradient_allreduce=False,  # pure local SGD after warm-up
+            # pure local SGD after warm-up; or, in a site's subgroup, its gradients every step
+            post_local_gradient_allreduce=subgroup is not None,
         )
         self._state = state
-        if link is None:
+        if link is None or subgroup is not None:  # a site's gradients stay on its LAN: not the simulated WAN
             self.model.register_comm_hook(state, post_localSGD_hook)
         else:
             self.model.register_comm_hook((state, link), linked_post_local_sgd_hook)
@@ -275,11 +283,18 @@ class PostLocalSGD(Strategy):
         # the frozen ones equal at construction, and they never change).
         trainable = trainable_parameters(model)
         self._param_bytes = sum(p.numel() * p.element_size() for p in trainable)
-        self.averager = _LinkedAverager(
-            link, self._param_bytes, period=cfg.period_h, warmup_steps=cfg.post_local_warmup
-        )
+        self.averager = self._make_averager(link)
         self._post_local = PostLocalSGDOptimizer(optim=build_optimizer(cfg, trainable), averager=self.averager)
         self.optimizer = self._post_local
+
+    def _gradient_subgroup(self) -> dist.ProcessGroup | None:
+        """Where gradients are all-reduced after warm-up: nowhere (pure local SGD)."""
+        return None
+
+    def _make_averager(self, link: SimulatedLink | None) -> _LinkedAverager | _LinkedHierarchicalAverager:
+        return _LinkedAverager(
+            link, self._param_bytes, period=self.cfg.period_h, warmup_steps=self.cfg.post_local_warmup
+        )
 
     def after_step(self, step: int) -> None:
         sent = self._param_bytes if self.averager.averaged_last else 0
@@ -308,6 +323,58 @@ class PostLocalSGD(Strategy):
         self.model = self.raw_model
 
 
+class _LinkedHierarchicalAverager(HierarchicalModelAverager):
+    """torch's HierarchicalModelAverager; when it averages across all ranks it also pays the simulated link."""
+
+    def __init__(self, link: SimulatedLink | None, nbytes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.link, self.nbytes = link, nbytes
+        self.averaged_last = False
+
+    def average_parameters(self, params) -> None:
+        due = self.step >= self.warmup_steps and self._find_process_group() is not None
+        booking = self.link.book(self.nbytes) if due and self.link is not None else None
+        super().average_parameters(params)
+        if self.link is not None and booking is not None:
+            sleep_until(self.link.complete(booking))
+        self.averaged_last = due
+
+
+class HierarchicalLocalSGD(PostLocalSGD):
+    """torch's two-level recipe, the peer of two-level DreamDDP (``hier_local_sgd``).
+
+    DDP whose comm hook (``post_localSGD_hook`` with the site as its subgroup) all-reduces the
+    gradients inside each site every step, and ``HierarchicalModelAverager`` with
+    ``PostLocalSGDOptimizer`` averaging every parameter over all ranks every H steps: a flat
+    all-reduce, so each site's uplink carries the model G times per period.
+    """
+
+    def _gradient_subgroup(self) -> dist.ProcessGroup | None:
+        topology = discover(ranks_per_site=self.cfg.ranks_per_site or None)
+        if not topology.hierarchical:
+            raise ValueError(
+                f"train.algorithm='hier_local_sgd' needs several sites of several ranks, found "
+                f"{topology.describe()}; set train.ranks_per_site or DREAMDDP_SITE, or use local_sgd"
+            )
+        self.topology = topology
+        self.note = f"two-level: {topology.describe()}, gradients every step inside a site"
+        return topology.intra
+
+    def _make_averager(self, link: SimulatedLink | None) -> _LinkedHierarchicalAverager:
+        world = dist.get_world_size()
+        return _LinkedHierarchicalAverager(
+            link,
+            self._param_bytes,
+            period_group_size_dict=OrderedDict([(self.cfg.period_h, world)]),
+            warmup_steps=self.cfg.post_local_warmup,
+        )
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        if step >= self.cfg.post_local_warmup:  # what crossed the WAN: the averages, not the site's gradients
+            self._last = _after_step_comm(None, self._param_bytes if self.averager.averaged_last else 0, self.n_units)
+
+
 class PartialLocalSGD(Strategy):
     """DreamDDP's wrapper running a resolved schedule: PLSGD's groups or a schedule file's plan."""
 
@@ -332,12 +399,17 @@ class PartialLocalSGD(Strategy):
             record_timings=bool(cfg.trace or cfg.metrics_port or (cfg.replan_every and _rank() == 0)),
             overlap=cfg.overlap or None,
             sync=cfg.sync_options,
+            hierarchy=cfg.hierarchy,
+            ranks_per_site=cfg.ranks_per_site or None,
         )
         self.ddp.register_optimizer(self.optimizer)  # overlap="forward" holds back steps of units still averaging
         self.model = self.ddp
         self.schedule = schedule
         if self.ddp.sync.delta:
             self.note = "; ".join(x for x in (self.note, f"sync: {self.ddp.sync.describe()}") if x)
+        if self.ddp.topology is not None:
+            two_level = f"two-level: {self.ddp.topology.describe()}, gradients every step inside a site"
+            self.note = "; ".join(x for x in (self.note, two_level) if x)
         if self.ddp.overlap == "forward":
             self.note = "; ".join(
                 x
@@ -438,6 +510,7 @@ _STRATEGIES: dict[str, type[Strategy]] = {
     "ssgd": SSGD,
     "local_sgd": LocalSGD,
     "post_local_sgd": PostLocalSGD,
+    "hier_local_sgd": HierarchicalLocalSGD,
 }
 SCHEDULED = ("plsgd", "dreamddp")  # the algorithms that run a DreamDDP schedule
 
