@@ -10,6 +10,7 @@ so its ids, messages and exit statuses cannot drift from what the programs do.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -297,6 +298,28 @@ CLI_CASES = [
         ("--set", "train.algorithm=local_sgd", "--set", "train.sync=delta"),
         ("train.sync='delta'", "'local_sgd'", "plsgd or dreamddp"),
     ),
+    CliCase("hierarchy-unknown", "train", ("--set", "train.hierarchy=sites"), ("train.hierarchy", "'sites'", "auto")),
+    CliCase(
+        "hierarchy-ranks-per-site-negative", "train", ("--set", "train.ranks_per_site=-1"), ("ranks_per_site", "-1")
+    ),
+    CliCase(
+        "hierarchy-on-baseline",
+        "train",
+        ("--set", "train.algorithm=local_sgd", "--set", "train.hierarchy=hierarchical"),
+        ("'hierarchical'", "'local_sgd'", "hier_local_sgd"),
+    ),
+    CliCase(
+        "hierarchy-one-site",
+        "train",
+        ("--set", "train.hierarchy=hierarchical", "--set", "train.steps=2"),
+        ("hierarchy='hierarchical'", "1 site x 1 rank", "ranks_per_site"),
+    ),
+    CliCase(
+        "hier-local-sgd-one-site",
+        "train",
+        ("--set", "train.algorithm=hier_local_sgd", "--set", "train.steps=2"),
+        ("'hier_local_sgd'", "1 site x 1 rank", "local_sgd"),
+    ),
     CliCase(
         "link-delay-unbounded", "train", ("--set", "train.link=100mbit,1e400ms"), ("'1e400ms'", "out of range", "60s")
     ),
@@ -558,6 +581,12 @@ SLOW_API_CASES = {
     "frozen-weights-differ",
     "sync-delta-join",
     "sync-checkpoint-mode-changed",
+    "sites-uneven",
+    "sites-disagree",
+    "sites-malformed-id",
+    "hierarchy-delta",
+    "hierarchy-join",
+    "hierarchy-checkpoint-changed",
 }
 
 
@@ -672,6 +701,25 @@ def _sync_checkpoint_mode_changed() -> BaseException:
     return ValueError(messages[0])
 
 
+def _bad_site_map(case: str, rank: int) -> BaseException:
+    from .dist_utils import run_workers
+    from .test_topology import _bad
+
+    messages = run_workers(_bad, 4, case, timeout=90)
+    assert all(m and "\n" not in m for m in messages), messages  # every rank says it, no hang
+    return ValueError(messages[rank])
+
+
+@functools.cache
+def _two_level_refusals() -> dict[str, str]:
+    from .dist_utils import run_workers
+    from .test_hierarchy import _refusals
+
+    out = run_workers(_refusals, 4, timeout=120)
+    assert all(o == out[0] for o in out), out
+    return out[0]
+
+
 def _join_not_first() -> BaseException:
     from .dist_utils import run_workers
     from .test_join import _second_joinable
@@ -729,6 +777,16 @@ API_CASES = [
     ApiCase("sync-delta-join", _delta_join, ("Join([ddp])", "sync='delta'", "same number of batches")),
     ApiCase("sync-checkpoint-mode-changed", _sync_checkpoint_mode_changed, ("synchronizes deltas", "sync='average'")),
     ApiCase("frozen-weights-differ", _frozen_weights_differ, ("'mix.weight'", "rank 0 and rank 1", "same seed")),
+    ApiCase("sites-uneven", lambda: _bad_site_map("uneven", 0), ("site 0: 3, site 1: 1", "DREAMDDP_SITE")),
+    ApiCase("sites-disagree", lambda: _bad_site_map("disagree", 0), ("rank 0: 1, rank 1: 2", "ranks_per_site")),
+    ApiCase("sites-malformed-id", lambda: _bad_site_map("malformed", 1), ("DREAMDDP_SITE='east'", "integer")),
+    ApiCase("hierarchy-delta", lambda: ValueError(_two_level_refusals()["delta"]), ("sync='delta'", "2 sites x 2")),
+    ApiCase("hierarchy-join", lambda: ValueError(_two_level_refusals()["join"]), ("Join([ddp])", "two-level")),
+    ApiCase(
+        "hierarchy-checkpoint-changed",
+        lambda: ValueError(_two_level_refusals()["checkpoint"]),
+        ("two-level synchronization (2 sites x 2 ranks)", "flat synchronization"),
+    ),
     ApiCase("hf-extra-missing", _hf_extra_missing, ('model.name="hf"', "pip install 'dreamddp[hf]'")),
 ]
 

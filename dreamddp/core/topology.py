@@ -72,7 +72,8 @@ class Topology:
         return [self.members(s)[local] for s in range(self.sites)]
 
     def describe(self) -> str:
-        return f"{self.sites} sites x {self.ranks_per_site} ranks"
+        sites, ranks = self.sites, self.ranks_per_site
+        return f"{sites} site{'s' * (sites != 1)} x {ranks} rank{'s' * (ranks != 1)}"
 
     @property
     def hierarchical(self) -> bool:
