@@ -166,3 +166,38 @@ def test_site_env_gives_torchrun_its_multi_node_settings():
     assert env["DREAMDDP_SOFTWARE_DELAY"] == "20ms"
     kernel = netns.ClusterState(ClusterSpec(), "kernel netem", ["10.213.0.1", "10.213.0.2"])
     assert "DREAMDDP_SOFTWARE_DELAY" not in netns.site_env(kernel, 0)
+
+
+@needs_root
+@pytest.mark.slow  # two 4-process jobs on an emulated cluster
+@pytest.mark.timeout(400)
+def test_two_level_sends_the_scheduled_bytes_once_per_site(state_dir):
+    """Issue 15: each site's uplink (kernel counters) carries the scheduled bytes once, not G times."""
+    spec = ClusterSpec(
+        sites=2,
+        procs_per_site=2,
+        wan="200mbit",
+        wan_delay="1ms",
+        subnet="10.214.78.0/24",
+        name="dt2l",
+        master_port=29613,
+    )
+    state = netns.up(spec)
+    steps, model_bytes = 10, 512 * 512 * 4
+    sent: dict[str, list[int]] = {}
+    try:
+        for mode in ("hierarchical", "flat"):
+            before = netns.uplink_bytes(state)
+            out = io.StringIO()
+            job = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "tests/two_level_job.py"]
+            code = run_on_sites(state, [*job, mode, str(steps)], out=out, timeout=300)
+            assert code == 0, out.getvalue()[-3000:]
+            after = netns.uplink_bytes(state)
+            sent[mode] = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+    finally:
+        netns.down(spec.name)
+    # Two-level: each site sends the model once per iteration (plus the start-up broadcast, headers).
+    for site_sent in sent["hierarchical"]:
+        assert steps * model_bytes <= site_sent <= 1.3 * (steps + 1) * model_bytes, sent
+    # Flat: a ring over all four ranks crosses each uplink with more than that.
+    assert sum(sent["hierarchical"]) <= 0.75 * sum(sent["flat"]), sent

@@ -416,6 +416,25 @@ def site_env(state: ClusterState, site: int) -> dict[str, str]:
     return env
 
 
+def uplink_bytes(state: ClusterState) -> list[tuple[int, int]]:
+    """(sent, received) bytes of every site's uplink since ``up``, from the kernel's own counters.
+
+    Read from the interface (``ip -s link``), not from any accounting of ours: what really
+    crossed the WAN, headers and retransmissions included, and traffic a site's ranks exchange
+    among themselves (routed through the namespace's loopback) excluded.
+    """
+    out = []
+    for site in range(state.spec.sites):
+        ns = state.spec.site_namespace(site)
+        proc = _ip("-n", ns, "-j", "-s", "link", "show", "dev", WAN_IFACE)
+        try:
+            stats = json.loads(proc.stdout)[0]["stats64"]
+            out.append((int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])))
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise ClusterError(f"cannot read {ns}'s {WAN_IFACE} counters from `ip -s link` ({err})") from None
+    return out
+
+
 def qdiscs(state: ClusterState) -> dict[str, str]:
     """``tc qdisc show`` of every site's uplink, for ``status``."""
     out = {}
