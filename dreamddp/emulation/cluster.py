@@ -238,7 +238,9 @@ def _status(state: ClusterState, measure: bool) -> None:
     for ns, shown in netns.qdiscs(state).items():
         print(f"  {ns}: {shown}")
     for site, (sent, received) in enumerate(netns.uplink_bytes(state)):
-        print(f"  site {site} uplink since up: sent {sent / 1e6:.2f} MB, received {received / 1e6:.2f} MB (kernel counters)")
+        print(
+            f"  site {site} uplink since up: sent {sent / 1e6:.2f} MB, received {received / 1e6:.2f} MB (kernel counters)"
+        )
     if measure and spec.sites >= 2:
         rate = measure_rate(state)
         print(

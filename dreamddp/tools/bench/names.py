@@ -22,6 +22,7 @@ __all__ = [
     "PLANNED",
     "PlannedVariant",
     "RESULTS_FORMAT",
+    "TWO_LEVEL_ONLY",
 ]
 
 RESULTS_FORMAT = "dreamddp.bench/1"  # results.json: the link x algorithm grid
@@ -36,6 +37,7 @@ class PlannedVariant:
     overlap: str = "backward"  # the wrapper mode planned (and then trained) for
     max_delay: int | None = 0  # forward overlap: iterations an average may land late; None = H - 1
     sync: tuple[tuple[str, str], ...] = ()  # train.* keys of the sync (sync="delta" and its options)
+    hierarchy: str = "auto"  # train.hierarchy: "flat" keeps every rank its own replica even with sites of several
 
     @property
     def sync_options(self) -> SyncOptions:
@@ -46,7 +48,8 @@ class PlannedVariant:
         return SyncOptions(**keys, prefix="train") if keys else SyncOptions()
 
     def train_overrides(self) -> list[str]:
-        return [f"train.{key}={value}" for key, value in self.sync]
+        keys = [*self.sync, *((("hierarchy", self.hierarchy),) if self.hierarchy != "auto" else ())]
+        return [f"train.{key}={value}" for key, value in keys]
 
     def plan_options(self, period: int) -> dict[str, Any]:
         """Keyword arguments of ``dreamddp.planning.plan`` for period ``period``."""
@@ -60,6 +63,8 @@ class PlannedVariant:
 # The delta variants (sync="delta", issue 17) plan as "dreamddp" does, priced for their payload:
 # "-nesterov" steps each unit's anchor with DiLoCo's outer Nesterov; "-int8" sends int8 deltas
 # with error feedback (outer SGD, lr 1: averaging's arithmetic); "-nesterov-int8" both.
+# "-flat" (issue 15) runs the same schedule with train.hierarchy=flat: with several processes per
+# site, "dreamddp" is two-level (gradients every step inside a site) and "-flat" is every rank alone.
 _DELTA = (("sync", "delta"),)
 PLANNED: dict[str, PlannedVariant] = {
     "dreamddp": PlannedVariant(),
@@ -69,7 +74,10 @@ PLANNED: dict[str, PlannedVariant] = {
     "dreamddp-nesterov": PlannedVariant(sync=(*_DELTA, ("outer", "nesterov"))),
     "dreamddp-int8": PlannedVariant(sync=(*_DELTA, ("compress", "int8"))),
     "dreamddp-nesterov-int8": PlannedVariant(sync=(*_DELTA, ("outer", "nesterov"), ("compress", "int8"))),
+    "dreamddp-flat": PlannedVariant(hierarchy="flat"),
 }
+# Only meaningful with several processes per site (the two-level axis): run on request.
+TWO_LEVEL_ONLY = ("hier_local_sgd", "dreamddp-flat")
 
 
 def _delta(name: str) -> bool:
@@ -80,6 +88,8 @@ def _delta(name: str) -> bool:
 BENCH_ALGORITHMS = (*ALGORITHMS, *(name for name in PLANNED if name not in ALGORITHMS))
 # "none" (no communication at all) is a reference floor, run on request, not a contender; the delta
 # variants are another axis (the payload), run on request (`--algorithms`).
-DEFAULT_ALGORITHMS = tuple(name for name in BENCH_ALGORITHMS if name != "none" and not _delta(name))
+DEFAULT_ALGORITHMS = tuple(
+    name for name in BENCH_ALGORITHMS if name != "none" and not _delta(name) and name not in TWO_LEVEL_ONLY
+)
 # The variants beyond the paper, which the report holds to their own targets.
 FORWARD_VARIANTS = tuple(name for name, variant in PLANNED.items() if variant.overlap == "forward")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ def _grid_row(run: Run, ssgd: Run | None, local: Run | None, lower_bound: float 
         _percent(_prediction_error(run)),
         _num(run.get("comm_wait_s"), ".3f"),
         _num(run.get("bytes_per_iter"), ".2f", 1e-6),
+        _num(run.get("wan_bytes_per_iter_site"), ".2f", 1e-6),
         _num(run.get("peak_rss_mb"), ".0f"),
         _num(run.get("final_loss"), ".3f"),
         _num(run.get("val_loss"), ".3f"),
@@ -151,6 +153,7 @@ GRID_HEADER = [
     "predicted error",
     "comm wait s/it",
     "MB sent / it",
+    "WAN MB / it / site",
     "peak RSS MB",
     "final loss",
     "val loss",
@@ -209,6 +212,7 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
         if rate >= FAST_LINK_BPS:
             slowdown = _ratio(t, runs.get("ssgd", {}).get("iter_s"))
             check(f"{name}: DreamDDP <= 1.05x ssgd's time", slowdown, (slowdown or 0) <= 1.05, _times(slowdown))
+        _two_level_targets(name, runs, check)
         errors = [(r["algorithm"], e) for r in link.get("runs", []) if (e := _prediction_error(r)) is not None]
         if errors:
             algo, worst = max(errors, key=lambda ae: abs(ae[1]))
@@ -219,6 +223,27 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
                 f"worst {algo} {_percent(worst)}",
             )
     return out
+
+
+def _two_level_targets(name: str, runs: dict[str, Run], check: Callable[[str, float | None, bool, str], None]) -> None:
+    """Issue 15's targets, where two-level DreamDDP ran beside flat DreamDDP (sites of several ranks)."""
+    two, flat = runs.get("dreamddp"), runs.get("dreamddp-flat")
+    if two is None or flat is None:
+        return
+    speedup = _ratio(flat.get("iter_s"), two.get("iter_s"))
+    check(f"{name}: two-level DreamDDP >= 1.3x faster than flat", speedup, (speedup or 0) >= 1.3, _times(speedup))
+    if "hier_local_sgd" in runs:
+        vs_hier = _ratio(runs["hier_local_sgd"].get("iter_s"), two.get("iter_s"))
+        check(f"{name}: two-level DreamDDP faster than hier_local_sgd", vs_hier, (vs_hier or 0) > 1.0, _times(vs_hier))
+    wan = _ratio(two.get("wan_bytes_per_iter_site"), flat.get("wan_bytes_per_iter_site"))
+    check(f"{name}: two-level WAN bytes per site <= 0.7x flat's", wan, (wan or 9) <= 0.7, _times(wan))
+    loss = _ratio(two.get("val_loss"), flat.get("val_loss"))
+    check(
+        f"{name}: two-level validation loss no worse than flat's (at equal iterations)",
+        loss,
+        (loss or 9) <= 1.0,
+        f"{_times(loss)} flat's",
+    )
 
 
 def _summary(results: dict) -> list[str]:

@@ -94,6 +94,10 @@ class BenchConfig:
             *(("--periods", p) for p in self.periods),
         ):
             require(is_int(value) and value >= 1, what, ">= 1", value)
+        if self.procs_per_site == 1 and "hier_local_sgd" in self.algorithms:
+            raise ValueError(
+                "algorithm 'hier_local_sgd' needs sites of several processes: add --procs-per-site 2 (or more)"
+            )
         if not self.configs:
             raise ValueError("--config: give at least one model config")
         for path in self.configs:
@@ -153,7 +157,9 @@ class Cluster:
         """The simulated link, where the network is simulated; nothing where it is real."""
         return [f"train.link={self.link}"] if self.network == "simulated" else []
 
-    def run_module(self, module_args: Sequence[str], tag: str) -> None:
+    def run_module(self, module_args: Sequence[str], tag: str) -> list[int] | None:
+        """Run the module on every worker; the bytes each site's uplink sent meanwhile (kernel
+        counters, the emulated cluster only; None where the network is simulated)."""
         log_path = self.log_dir / f"{tag}.out"
         if self.network == "simulated":
             try:
@@ -161,17 +167,20 @@ class Cluster:
             except TrainRunFailed as err:
                 raise TrainRunFailed(f"{tag}: {err}") from None
             log_path.write_text(out)
-            return
+            return None
+        from dreamddp.emulation import netns
         from dreamddp.emulation.cluster import run_on_sites
 
         assert self.state is not None, "run_module on the emulated cluster needs `with cluster.up():`"
         command = [sys.executable, "-m", "torch.distributed.run", "-m", *module_args]
         env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        before = netns.uplink_bytes(self.state)
         with open(log_path, "w", encoding="utf-8") as log:
             code = run_on_sites(self.state, command, out=log, timeout=self.cfg.timeout_s, extra_env=env)
         if code != 0:
             tail = "\n".join(log_path.read_text().splitlines()[-20:])
             raise TrainRunFailed(f"{tag}: exited {code} on the emulated cluster:\n{tail}")
+        return [after[0] - earlier[0] for after, earlier in zip(netns.uplink_bytes(self.state), before, strict=True)]
 
 
 def _train_overrides(
@@ -232,7 +241,11 @@ def _plan(
     return paths, predicted, bounds
 
 
-def _run_row(summary: dict[str, Any], algorithm: str, predicted: float | None) -> dict[str, Any]:
+def _run_row(
+    summary: dict[str, Any], algorithm: str, predicted: float | None, uplink: list[int] | None = None
+) -> dict[str, Any]:
+    """One run's row. ``uplink``: bytes each site's uplink sent during the whole run (start-up,
+    evaluation and the final average included), from the kernel; reported per iteration."""
     return {
         "algorithm": algorithm,
         "iter_s": summary["iter_s"],
@@ -240,6 +253,7 @@ def _run_row(summary: dict[str, Any], algorithm: str, predicted: float | None) -
         "predicted_iter_s": predicted,
         "comm_wait_s": summary["comm_wait_s"],
         "bytes_per_iter": summary["bytes_per_iter"],
+        "wan_bytes_per_iter_site": sum(uplink) / len(uplink) / summary["steps"] if uplink else None,
         "peak_rss_mb": summary["peak_rss_mb"],
         "final_loss": summary["final_loss"],
         "val_loss": summary["val_loss"],
@@ -298,10 +312,10 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                         *_train_overrides(cfg, algorithm, schedules, log),
                     ]
                     started = time.perf_counter()
-                    cluster.run_module(
+                    uplink = cluster.run_module(
                         _module_args("dreamddp.train", config, overrides), f"train-{tag}-{algorithm}-r{repeat}"
                     )
-                    row = _run_row(read_summary(log), algorithm, predicted.get(algorithm))
+                    row = _run_row(read_summary(log), algorithm, predicted.get(algorithm), uplink)
                     rows[algorithm].append(row)
                     print(
                         f"  {algorithm:<15} {row['iter_s']:.4f} s/it (predicted {row['predicted_iter_s'] or float('nan'):.4f}),"
