@@ -34,6 +34,7 @@ from dreamddp.ops.outputs import check_writable
 from dreamddp.planning import METHODS, auto_period, fill_in, plan, simulate, simulate_method
 from dreamddp.planning.compression import auto_within, priced_for, wire_fraction
 from dreamddp.planning.profile import CommModel, Profile
+from dreamddp.planning.two_level import TwoLevel, priced_two_level, two_level_of
 from dreamddp.validation import non_negative_int
 
 __all__ = ["Prediction", "main", "predictions", "reprice"]
@@ -66,14 +67,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--outer", default="sgd", help="delta: the outer optimizer, sgd or nesterov")
     parser.add_argument("--compress", default="none", help="delta: the payload, none, bf16 or int8")
     parser.add_argument("--compress-block", type=int, default=256, help="int8: elements per scale")
+    parser.add_argument(
+        "--hierarchy",
+        default="auto",
+        choices=["auto", "flat", "hierarchical"],
+        help="plan for two-level sync (auto: when the profile measured sites of several ranks)",
+    )
     parser.add_argument("--trace", help="also write the predicted timeline as a Chrome/Perfetto trace")
     return parser.parse_args(argv)
 
 
 def reprice(profile: Profile, link: LinkSpec) -> Profile:
+    """The profile on another link; a two-level profile's cross-site model too (its site network stays)."""
     world = int(profile.metadata.get("world_size", 2))
     ring = 2.0 * (world - 1) / world if world > 1 else 0.0
-    return profile.with_comm(CommModel(link.latency_s, ring * 8.0 / link.bandwidth_bps, None, (), str(link)))
+    repriced = profile.with_comm(CommModel(link.latency_s, ring * 8.0 / link.bandwidth_bps, None, (), str(link)))
+    two_level = two_level_of(profile)
+    if two_level is None:
+        return repriced
+    sites, g = two_level.sites, two_level.ranks_per_site
+    # G shard rings of the sites run at once and share each site's uplink.
+    cross = CommModel(link.latency_s, g * 2.0 * (sites - 1) / sites * 8.0 / link.bandwidth_bps, None, (), str(link))
+    moved = dataclasses.replace(two_level, cross=cross)
+    return dataclasses.replace(repriced, metadata={**repriced.metadata, "two_level": moved.to_dict()})
+
+
+def two_level_predictions(
+    flat: Profile, two_level: TwoLevel, period: int, overlap: str, written: Schedule | None = None
+) -> list[tuple[str, float]]:
+    """(method, predicted s/iteration) of the flat and two-level methods on a cluster of sites.
+
+    ``flat`` is priced for one ring over every rank; two-level DreamDDP is planned on the
+    two-level price (``written``: the schedule already planned so, whose row it then is).
+    ``hier_local_sgd`` is the site's gradients every step plus a flat average every H.
+    """
+    priced = priced_two_level(flat, two_level)
+    with_site_gradients = dataclasses.replace(flat, optimizer_s=priced.optimizer_s)
+    schedule = written or plan(priced, period, fill=False, overlap=overlap)
+    return [
+        ("ssgd (torch DDP, all ranks)", simulate_method(flat, "ssgd", 1).iteration_s),
+        ("local_sgd (flat)", simulate_method(flat, "local_sgd", period).iteration_s),
+        ("hier_local_sgd", simulate_method(with_site_gradients, "local_sgd", period).iteration_s),
+        ("dreamddp flat", simulate(flat, plan(flat, period, fill=False, overlap=overlap)).iteration_s),
+        ("dreamddp two-level", simulate(priced, schedule).iteration_s),
+    ]
 
 
 @dataclass(frozen=True)
@@ -179,6 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = SyncOptions(
             mode=args.sync, outer=args.outer, compress=args.compress, compress_block=args.compress_block, prefix="plan"
         )
+        two_level = two_level_of(profile) if args.hierarchy != "flat" else None
+        if args.hierarchy == "hierarchical" and two_level is None:
+            raise ValueError(
+                f"--hierarchy hierarchical needs a profile measured with sites of several ranks; {args.profile!r} "
+                "has no two-level measurements (profile under the cluster with train.ranks_per_site or DREAMDDP_SITE)"
+            )
+        if two_level is not None and options.delta:
+            raise ValueError("--sync delta with two-level synchronization is not supported yet: use --hierarchy flat")
+        flat = profile  # one ring over every rank, for the flat-vs-two-level table
+        if two_level is not None:
+            profile = priced_two_level(profile, two_level)
         averaged = profile  # priced as an average, for the per-payload table
         profile = priced_for(profile, options)
         non_negative_int("--max-delay", args.max_delay)
@@ -215,11 +263,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             planned["delayed"] = schedule
         else:
             planned[args.overlap] = base
-    rows = predictions(averaged, period, args.max_delay, planned)
+    # Two-level: this table is the flat world (one ring over every rank); the written schedule's row
+    # is in the flat-vs-two-level table below it.
+    rows = (
+        predictions(flat, period, args.max_delay, {})
+        if two_level
+        else predictions(averaged, period, args.max_delay, planned)
+    )
     ssgd, lower = rows[0].backward_s, rows[-1].backward_s
     assert ssgd is not None and lower is not None  # S-SGD and the bound have a backward figure
     link = args.link or profile.metadata.get("link", "as profiled")
-    print(f"predicted time per iteration, H = {period}{' (auto)' if args.period == 'auto' else ''}, link {link}:")
+    scope = "every rank one replica, " if two_level is not None else ""
+    print(
+        f"predicted time per iteration, {scope}H = {period}{' (auto)' if args.period == 'auto' else ''}, link {link}:"
+    )
     print(f"{'':<26} {'backward overlap (paper)':>28} {'forward overlap':>28}")
     header = f"{'s / iter':>10} {'/ bound':>8} {'vs ssgd':>8}"
     print(f"{'method':<26} {header} {header}")
@@ -231,9 +288,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'sync':<26} {'s / iter':>10} {'MB / period':>12}")
         for label, payload_s, megabytes in payload_predictions(averaged, period, args.overlap, options, written):
             print(f"{label:<26} {payload_s:>10.4f} {megabytes:>12.2f}")
+    if two_level is not None:
+        written = base if args.method == "dreamddp" and not args.max_delay else None
+        print(f"\nflat vs two-level ({two_level.describe()}), {args.overlap} overlap:")
+        print(f"{'method':<30} {'s / iter':>10} {'vs ssgd':>8}")
+        table = two_level_predictions(flat, two_level, period, args.overlap, written)
+        for label, seconds in table:
+            print(f"{label:<30} {seconds:>10.4f} {table[0][1] / seconds:>7.2f}x")
     predicted = simulate(profile, schedule)
     print(
-        f"\n{args.method} schedule for {args.overlap} overlap, sync {options.describe()} "
+        f"\n{args.method} schedule for {args.overlap} overlap, sync {options.describe()}"
+        f"{f', two-level {two_level.describe()}' if two_level is not None else ''} "
         f"({schedule.syncs_per_period()} syncs per period"
         f"{f', {len(schedule.delays)} units delayed' if schedule.delays else ''}): predicted "
         f"{predicted.iteration_s:.4f} s / iteration, {predicted.bound_ratio:.2f}x the lower bound"

@@ -20,8 +20,10 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from dreamddp.core.topology import discover
 from dreamddp.emulation.link import describe_link, link_from_settings
-from dreamddp.planning.profile import Profile, UnitProfile
+from dreamddp.planning.profile import CommModel, Profile, UnitProfile
+from dreamddp.planning.two_level import TwoLevel, two_level_of
 from dreamddp.training.config import load_config
 from dreamddp.training.data import build_data
 from dreamddp.training.distributed import init_process_group
@@ -106,6 +108,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
     compute = _slowest(local, [Profile.from_dict(d) for d in everyone])
     link = link_from_settings(cfg.train.link, world)
     comm = profile_comm(sizes=sizes, repeats=repeats, link=link, device=device)
+    two_level = _profile_two_level(cfg, sizes, repeats, link, device)
     codecs = profile_codecs(device, world=world)  # delta sync's payload compute, priced by the planner
     cpu_after = psutil.cpu_times()
     busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -118,6 +121,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
         "data": cfg.data.name,
         "batch_size": cfg.data.batch_size,
         "codec_s_per_byte": codecs,
+        **({"two_level": two_level.to_dict()} if two_level is not None else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {
             "cpus": psutil.cpu_count(),
@@ -136,6 +140,31 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
         metadata=metadata,
         spreads=compute.spreads,
     ).with_comm(comm)
+
+
+def _profile_two_level(cfg, sizes: list[int], repeats: int, link, device: torch.device) -> TwoLevel | None:
+    """With sites of several ranks (and train.hierarchy not flat): both networks' α–β models.
+
+    The cross-site groups (one per local index) are swept at the same time, as two-level
+    DreamDDP uses them, so their shared uplink is in the fit; every rank then adopts the
+    slowest group's times, so that every rank writes the same profile.
+    """
+    if cfg.train.hierarchy == "flat":
+        return None
+    topology = discover(ranks_per_site=cfg.train.ranks_per_site or None)
+    if not topology.hierarchical:
+        return None
+    cross = _slowest_fit(profile_comm(topology.cross, sizes, repeats, link=link, device=device))
+    intra = _slowest_fit(profile_comm(topology.intra, sizes, repeats, device=device))
+    return TwoLevel(topology.sites, topology.ranks_per_site, cross, intra)
+
+
+def _slowest_fit(mine: CommModel) -> CommModel:
+    """The fit through every group's slowest time per size (groups measured separately differ)."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(mine.points))
+    points = [(size, max(theirs[k][1] for theirs in everyone)) for k, (size, _) in enumerate(mine.points)]
+    return CommModel.fit(points, link=mine.link)
 
 
 def _slowest(mine: Profile, everyone: list[Profile]) -> Profile:
@@ -185,6 +214,13 @@ def format_profile(profile: Profile, top: int = 10) -> str:
             f"beta = {c.beta_s_per_byte * 1e9:.3f} ns/byte ({c.bandwidth_bps / 1e6:.1f} Mbit/s effective), "
             f"R^2 = {c.r2:.4f} over {len(c.points)} sizes"
         )
+    two_level = two_level_of(profile)
+    if two_level is not None:
+        for name, m in (("cross-site shard", two_level.cross), ("inside a site", two_level.intra)):
+            lines.append(
+                f"two-level ({two_level.describe()}), {name}: alpha = {m.alpha_s * 1e3:.3f} ms, "
+                f"beta = {m.beta_s_per_byte * 1e9:.3f} ns/byte"
+            )
     return "\n".join(lines)
 
 

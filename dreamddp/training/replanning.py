@@ -17,6 +17,7 @@ planning on every rank from different timings could give different schedules.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -26,6 +27,7 @@ from dreamddp.core.schedule import Schedule
 from dreamddp.planning import auto_period, plan, simulate
 from dreamddp.planning.compression import auto_within, priced_for
 from dreamddp.planning.profile import Profile
+from dreamddp.planning.two_level import priced_two_level, two_level_of
 from dreamddp.training.distributed import rank_zero_object
 from dreamddp.training.schedules import check_profile_units
 from profiler.observed import refresh
@@ -103,6 +105,12 @@ class Replanner:
         # Observed buckets carry the bytes really sent (compressed): the refit prices a wire byte.
         options = self.strategy.ddp.sync
         refreshed = priced_for(refreshed, options)
+        two_level = two_level_of(self.profile)
+        if two_level is not None and self.strategy.ddp.topology is not None:
+            # Two-level buckets report their cross-site shard: the refit is the cross-site model.
+            assert refreshed.comm is not None
+            measured = dataclasses.replace(two_level, cross=refreshed.comm)
+            refreshed = priced_two_level(refreshed, measured)
         current: Schedule = self.strategy.schedule
         overlap = self.strategy.ddp.overlap  # the mode the wrapper runs (train.overlap may override the file's)
         max_delay = max(current.delays.values(), default=0) if overlap == "forward" else 0

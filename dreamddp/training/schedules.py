@@ -16,6 +16,7 @@ from dreamddp.core.units import sync_units
 from dreamddp.planning import auto_period, plan
 from dreamddp.planning.compression import auto_within, priced_for
 from dreamddp.planning.profile import Profile
+from dreamddp.planning.two_level import priced_two_level, two_level_of
 from dreamddp.training.config import ExperimentConfig
 from dreamddp.training.strategies import SCHEDULED
 
@@ -80,6 +81,9 @@ def _auto_schedule(cfg: ExperimentConfig, model: nn.Module) -> Schedule:
         raise ValueError(f"train.profile {tc.profile!r} cannot choose train.period='auto': {err}") from None
     overlap = tc.overlap or "backward"
     profile = priced_for(profile, tc.sync_options)  # sync="delta": compressed bytes, codec compute
+    two_level = two_level_of(profile) if tc.hierarchy != "flat" else None
+    if two_level is not None:  # measured on sites of several ranks: the two-level price (planning.two_level)
+        profile = priced_two_level(profile, two_level)
     period = auto_period(profile, overlap, within=auto_within(tc.sync_options))
     schedule = plan(profile, period, overlap=overlap)
     logger.info("train.period='auto': H=%d planned from %s", period, tc.profile)

@@ -15,6 +15,7 @@ markdown table and plots (``dreamddp.tools.bench.report``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -39,6 +40,7 @@ from dreamddp.tools.bench.names import (
     DEFAULT_ALGORITHMS,
     PLANNED,
     RESULTS_FORMAT,
+    PlannedVariant,
 )
 from dreamddp.tools.runner import TrainRunFailed, median_run, read_summary, torchrun
 from dreamddp.training.config import load_config
@@ -215,9 +217,15 @@ def _plan(
     from dreamddp.planning import plan, simulate, simulate_method
     from dreamddp.planning.compression import priced_for
     from dreamddp.planning.profile import Profile
+    from dreamddp.planning.two_level import priced_two_level, two_level_of
 
     profile = Profile.from_json(profile_path)
-    priced = {name: priced_for(profile, variant.sync_options) for name, variant in PLANNED.items()}
+    two_level = two_level_of(profile)  # measured on sites of several ranks: dreamddp runs two-level there
+
+    def base(variant: PlannedVariant) -> Profile:
+        return priced_two_level(profile, two_level) if two_level and variant.hierarchy != "flat" else profile
+
+    priced = {name: priced_for(base(variant), variant.sync_options) for name, variant in PLANNED.items()}
     schedules = {name: plan(priced[name], period, **variant.plan_options(period)) for name, variant in PLANNED.items()}
     paths = {}
     for name, schedule in schedules.items():
@@ -228,10 +236,14 @@ def _plan(
         "ssgd": simulate_method(profile, "ssgd", 1).iteration_s,
         "local_sgd": local,
         "post_local_sgd": local,  # torch's averager: every parameter after the step, every H
-        "plsgd": simulate(profile, plan(profile, period, "plsgd")).iteration_s,
+        "plsgd": simulate(base(PlannedVariant()), plan(base(PlannedVariant()), period, "plsgd")).iteration_s,
         "none": profile.forward_s + profile.backward_s + profile.optimizer_s,
         **{name: simulate(priced[name], s).iteration_s for name, s in schedules.items()},
     }
+    if two_level is not None:  # the site's gradients every step, then a flat average every H
+        site_step = priced_two_level(profile, two_level).optimizer_s
+        with_site = dataclasses.replace(profile, optimizer_s=site_step)
+        predicted["hier_local_sgd"] = simulate_method(with_site, "local_sgd", period).iteration_s
     bounds = {
         "compute_s": profile.forward_s + profile.backward_s + profile.optimizer_s,
         "lower_bound_s": simulate(profile, schedules["dreamddp"]).lower_bound_s / period,
