@@ -246,6 +246,18 @@ def _good_profile(cwd: Path, _request) -> list[str]:
     return _file_in_the_way(cwd, _request)
 
 
+def _two_level_profile(cwd: Path, _request) -> list[str]:
+    """A profile measured on 2 sites x 2 ranks (its two-level models in the metadata)."""
+    import json
+
+    _profile(cwd / "profile.json", world_size=4)
+    raw = json.loads((cwd / "profile.json").read_text())
+    model = {"alpha_s": 0.02, "beta_s_per_byte": 1.6e-7}
+    raw["metadata"]["two_level"] = {"sites": 2, "ranks_per_site": 2, "cross": model, "intra": model}
+    (cwd / "profile.json").write_text(json.dumps(raw))
+    return []
+
+
 TINY = ("--config", "tiny.toml")
 CLI_CASES = [
     CliCase("period-zero", "train", ("--set", "train.period=0"), ("train.period", "got 0", ">= 1 or 'auto'")),
@@ -497,6 +509,20 @@ CLI_CASES = [
         ("--profile", "profile.json", "--period", "2", "--out", "s.json", "--sync", "delta", "--compress", "int4"),
         ("plan.compress", "'int4'", "none, bf16, int8"),
         setup=_good_profile,
+    ),
+    CliCase(
+        "plan-hierarchy-without-sites",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "s.json", "--hierarchy", "hierarchical"),
+        ("--hierarchy hierarchical", "'profile.json'", "ranks_per_site"),
+        setup=_good_profile,
+    ),
+    CliCase(
+        "plan-two-level-delta",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "s.json", "--sync", "delta"),
+        ("--sync delta", "two-level", "--hierarchy flat"),
+        setup=_two_level_profile,
     ),
     CliCase(
         "plan-period-unbounded",
