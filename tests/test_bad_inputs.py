@@ -613,6 +613,7 @@ SLOW_API_CASES = {
     "hierarchy-delta",
     "hierarchy-join",
     "hierarchy-checkpoint-changed",
+    "hierarchy-sparse-gradient",
 }
 
 
@@ -808,6 +809,11 @@ API_CASES = [
     ApiCase("sites-malformed-id", lambda: _bad_site_map("malformed", 1), ("DREAMDDP_SITE='east'", "integer")),
     ApiCase("hierarchy-delta", lambda: ValueError(_two_level_refusals()["delta"]), ("sync='delta'", "2 sites x 2")),
     ApiCase("hierarchy-join", lambda: ValueError(_two_level_refusals()["join"]), ("Join([ddp])", "two-level")),
+    ApiCase(
+        "hierarchy-sparse-gradient",
+        lambda: ValueError(_two_level_refusals()["sparse"]),
+        ("sparse", "shape (10, 4)", "hierarchy='flat'"),
+    ),
     ApiCase(
         "hierarchy-checkpoint-changed",
         lambda: ValueError(_two_level_refusals()["checkpoint"]),

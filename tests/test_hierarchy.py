@@ -157,6 +157,15 @@ def _refusals(rank: int, world: int) -> dict[str, str]:
         DreamDDP(MLP(), schedule).load_state_dict(ddp.state_dict())
     except ValueError as err:
         out["checkpoint"] = str(err)
+    sparse = torch.nn.Embedding(10, 4, sparse=True)
+    wrapped = DreamDDP(
+        sparse, Schedule.every_step([u.name for u in sync_units(sparse)]), hierarchy="auto", ranks_per_site=2
+    )
+    try:
+        wrapped(torch.tensor([1, 2])).sum().backward()
+    except ValueError as err:
+        out["sparse"] = str(err)
+    wrapped.prepare_forward()  # drains what the failed backward launched
     return out
 
 

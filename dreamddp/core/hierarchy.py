@@ -168,6 +168,12 @@ class SiteGradients:
             if not force and not all(ready[u] for u in bucket.units):
                 return
             first = bucket.params[0]
+            sparse = next((p for p in bucket.params if p.grad is not None and p.grad.is_sparse), None)
+            if sparse is not None:
+                raise ValueError(
+                    f"two-level synchronization averages dense gradients; a parameter of shape {tuple(sparse.shape)} "
+                    "has a sparse one (nn.Embedding(sparse=True)?): use dense gradients or hierarchy='flat'"
+                )
             parts = [p.grad.reshape(-1) if p.grad is not None else first.new_zeros(p.numel()) for p in bucket.params]
             flags = torch.tensor([p.grad is not None for p in bucket.params], dtype=first.dtype, device=first.device)
             buffer = torch.cat([*parts, flags])
