@@ -238,9 +238,14 @@ def _bad(rank: int, world: int, case: str) -> str:
     "case,message",
     [
         ("one-site", r"hierarchy='hierarchical' needs several sites of several ranks, found 1 site x 2 ranks"),
-        ("unknown", r"hierarchy must be one of auto, flat, hierarchical, got 'sites'"),
-        ("per-site", r"ranks_per_site must be a positive integer, got 0"),
-        ("disagree", r"hierarchy differs across ranks: rank 1 uses 'auto', rank 0 'flat'"),
+        # slow: the fast tier keeps one spawn of this check
+        pytest.param(
+            "unknown", r"hierarchy must be one of auto, flat, hierarchical, got 'sites'", marks=pytest.mark.slow
+        ),
+        pytest.param("per-site", r"ranks_per_site must be a positive integer, got 0", marks=pytest.mark.slow),
+        pytest.param(
+            "disagree", r"hierarchy differs across ranks: rank 1 uses 'auto', rank 0 'flat'", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_bad_hierarchy_gets_one_line_on_every_rank(case: str, message: str) -> None:
