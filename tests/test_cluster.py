@@ -59,6 +59,7 @@ def _root_interfaces() -> str:
 
 
 @needs_root
+@pytest.mark.slow  # the fast tier's budget; CI's slow tier builds the cluster
 def test_cluster_up_allreduce_rate_and_down_leaves_nothing(spec, state_dir, monkeypatch):
     state = netns.up(spec)
     assert netns.namespaces(spec.name) == sorted([f"{spec.name}-hub", f"{spec.name}-s0", f"{spec.name}-s1"])

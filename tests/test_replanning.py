@@ -47,6 +47,7 @@ def _profile_and_poor_schedule(tmp: Path, comm: CommModel | None = None) -> list
     ]
 
 
+@pytest.mark.slow  # 16 s: the fast tier's budget
 @pytest.mark.timeout(300)
 def test_replanned_schedule_is_the_same_on_every_rank_and_survives_a_resume(tmp_path):
     setup = _profile_and_poor_schedule(tmp_path)
