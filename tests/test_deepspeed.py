@@ -212,7 +212,8 @@ def _parity(rank: int, world: int, variant: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "variant", [pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS]  # 45 s each; the fast tier keeps the others
+    "variant",
+    [pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS],  # 45 s each; the fast tier keeps the others
 )
 def test_wrapped_engine_trains_like_dreamddp_and_sends_only_parameter_averages(variant):
     results = run_workers(_parity, 2, variant, timeout=TIMEOUT)
