@@ -242,22 +242,31 @@ class LocalSGD(Strategy):
         self._last = _after_step_comm(time.perf_counter() - start, sent, self.n_units)
 
 
-class _LinkedAverager(PeriodicModelAverager):
-    """torch's PeriodicModelAverager; when it averages, it also pays the simulated link."""
+class _PaysLink:
+    """Mixin for torch's model averagers: when one averages (``_due``), it also pays the simulated link."""
 
     def __init__(self, link: SimulatedLink | None, nbytes: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.link, self.nbytes = link, nbytes
         self.averaged_last = False
 
+    def _due(self) -> bool:
+        raise NotImplementedError
+
     def average_parameters(self, params) -> None:
-        due = self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
-        link = self.link if due else None
-        booking = link.book(self.nbytes) if link is not None else None
-        super().average_parameters(params)
-        if link is not None and booking is not None:
-            sleep_until(link.complete(booking))
+        due = self._due()
+        booking = self.link.book(self.nbytes) if due and self.link is not None else None
+        super().average_parameters(params)  # type: ignore[misc]
+        if self.link is not None and booking is not None:
+            sleep_until(self.link.complete(booking))
         self.averaged_last = due
+
+
+class _LinkedAverager(_PaysLink, PeriodicModelAverager):
+    """torch's PeriodicModelAverager, paying the simulated link when it averages."""
+
+    def _due(self) -> bool:
+        return self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
 
 
 class PostLocalSGD(Strategy):
@@ -323,21 +332,11 @@ class PostLocalSGD(Strategy):
         self.model = self.raw_model
 
 
-class _LinkedHierarchicalAverager(HierarchicalModelAverager):
-    """torch's HierarchicalModelAverager; when it averages across all ranks it also pays the simulated link."""
+class _LinkedHierarchicalAverager(_PaysLink, HierarchicalModelAverager):
+    """torch's HierarchicalModelAverager, paying the simulated link when it averages across all ranks."""
 
-    def __init__(self, link: SimulatedLink | None, nbytes: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.link, self.nbytes = link, nbytes
-        self.averaged_last = False
-
-    def average_parameters(self, params) -> None:
-        due = self.step >= self.warmup_steps and self._find_process_group() is not None
-        booking = self.link.book(self.nbytes) if due and self.link is not None else None
-        super().average_parameters(params)
-        if self.link is not None and booking is not None:
-            sleep_until(self.link.complete(booking))
-        self.averaged_last = due
+    def _due(self) -> bool:
+        return self.step >= self.warmup_steps and self._find_process_group() is not None
 
 
 class HierarchicalLocalSGD(PostLocalSGD):
