@@ -258,6 +258,17 @@ def _two_level_profile(cwd: Path, _request) -> list[str]:
     return []
 
 
+def _damaged_two_level_profile(cwd: Path, _request) -> list[str]:
+    """A two-level profile whose measured CPU share was edited to a negative number."""
+    import json
+
+    _two_level_profile(cwd, _request)
+    raw = json.loads((cwd / "profile.json").read_text())
+    raw["metadata"]["two_level"]["site_cpu_s_per_byte"] = -1e-9
+    (cwd / "profile.json").write_text(json.dumps(raw))
+    return []
+
+
 TINY = ("--config", "tiny.toml")
 CLI_CASES = [
     CliCase("period-zero", "train", ("--set", "train.period=0"), ("train.period", "got 0", ">= 1 or 'auto'")),
@@ -523,6 +534,13 @@ CLI_CASES = [
         ("--profile", "profile.json", "--period", "2", "--out", "s.json", "--sync", "delta"),
         ("--sync delta", "two-level", "--hierarchy flat"),
         setup=_two_level_profile,
+    ),
+    CliCase(
+        "plan-two-level-damaged",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "s.json"),
+        ("'profile.json'", "site_cpu_s_per_byte", "-1e-09"),
+        setup=_damaged_two_level_profile,
     ),
     CliCase(
         "plan-period-unbounded",

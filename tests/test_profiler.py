@@ -192,6 +192,36 @@ def test_profile_cli_under_torchrun(tmp_path):
     assert all(u.comm_s > 0 for u in profile.units)
 
 
+@pytest.mark.slow  # 4 ranks on 2 cores
+def test_profile_cli_measures_both_levels_on_sites_of_two_ranks(tmp_path):
+    """2 sites x 2 ranks: the cross-site and in-site models, and the site reduction's CPU share."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dreamddp.planning.two_level import site_cpu_s, two_level_of
+
+    repo = Path(__file__).parents[1]
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "dreamddp.cli"]
+    cmd += ["profile", "--config", str(repo / "configs" / "gpt-tiny.toml"), "--out", str(out), "--iters", "4"]
+    cmd += ["--warmup", "1", "--sizes", "4096,65536", "--repeats", "2"]
+    for o in ["model.n_layer=1", "model.d_model=64", "data.seq_len=16", "model.block_size=16", "data.max_bytes=200000"]:
+        cmd += ["--set", o]
+    cmd += ["--set", "train.ranks_per_site=2", "--set", "train.link=100mbit,5ms"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = Profile.from_json(out)
+    two_level = two_level_of(profile)
+    assert two_level is not None and two_level.describe() == "2 sites x 2 ranks"
+    assert two_level.cross.alpha_s >= 0.004  # the simulated 5 ms is on the cross-site groups only
+    assert two_level.intra.alpha_s < two_level.cross.alpha_s
+    assert two_level.site_cpu_s_per_byte >= 0.0
+    line = f"CPU the site's gradient all-reduce takes from compute: {site_cpu_s(profile, two_level) * 1e3:.1f} ms"
+    assert line in proc.stdout
+
+
 class SizedSleepyLayer(SleepyLayer):
     def __init__(self, forward_s: float, backward_s: float, width: int) -> None:
         super().__init__(forward_s, backward_s)

@@ -1,7 +1,9 @@
 """Planning two-level synchronization (issue 15, item 3): the price, the site's gradients, the CLI table.
 
 - a bucket of B bytes costs cross(B/G) + an all-gather of B inside the site, one comm model;
-- the site's gradient all-reduce adds its exposure past the end of backward to the step;
+- the site's gradient all-reduce adds its exposure past the end of backward to the step, and
+  the CPU it takes from compute (measured by the profiler beyond that exposure) in proportion
+  to the bytes;
 - the profile's two-level measurements round-trip, and malformed ones are one line;
 - ``dreamddp plan`` on a two-level profile prints flat vs two-level, and the written schedule's
   prediction is the table's two-level row; ``--link`` re-prices the cross-site model;
@@ -20,7 +22,14 @@ import pytest
 from dreamddp.planning import plan, simulate
 from dreamddp.planning.cli import main as plan_main
 from dreamddp.planning.profile import CommModel, Profile
-from dreamddp.planning.two_level import TwoLevel, priced_two_level, site_gradient_s, two_level_of
+from dreamddp.planning.two_level import (
+    TwoLevel,
+    priced_two_level,
+    site_cpu_per_byte,
+    site_cpu_s,
+    site_gradient_s,
+    two_level_of,
+)
 
 CROSS = CommModel(0.02, 1.6e-7)
 INTRA = CommModel(0.0005, 2e-9)
@@ -53,11 +62,37 @@ def test_site_gradients_are_exposed_only_past_the_end_of_backward() -> None:
     assert site_gradient_s(profile, slow, cap_bytes=2_000_000) < slow.predict(16_000_000)
 
 
+def test_the_cpu_the_site_reduction_takes_is_what_the_measurement_has_beyond_the_exposure() -> None:
+    profile = _profile()  # 8 units of 2 MB
+    slow = CommModel(0.001, 1e-8)
+    exposed = site_gradient_s(profile, slow)
+    # Measured 50 ms more than the modelled exposure over 16 MB of gradients: 50 ms of CPU, per byte.
+    per_byte = site_cpu_per_byte(profile, slow, exposed + 0.05, 16_000_000)
+    assert per_byte == pytest.approx(0.05 / 16_000_000)
+    assert site_cpu_per_byte(profile, slow, exposed / 2, 16_000_000) == 0.0  # noise is not a speed-up
+    assert site_cpu_per_byte(profile, slow, 1.0, 0) == 0.0  # nothing reduced (every parameter frozen)
+    two_level = TwoLevel(2, 2, CROSS, slow, per_byte)
+    assert site_cpu_s(profile, two_level) == pytest.approx(0.05)
+    # The step pays both: the exposure and the CPU.
+    assert priced_two_level(profile, two_level).optimizer_s == pytest.approx(0.01 + exposed + 0.05)
+    # On a profile of twice the bytes the CPU share doubles.
+    double = dataclasses.replace(
+        profile, units=tuple(dataclasses.replace(u, nbytes=2 * u.nbytes) for u in profile.units)
+    )
+    assert site_cpu_s(double, two_level) == pytest.approx(0.1)
+
+
 def test_two_level_measurements_round_trip_and_malformed_ones_are_one_line() -> None:
-    two_level = TwoLevel(4, 8, CROSS, INTRA)
+    two_level = TwoLevel(4, 8, CROSS, INTRA, 3e-9)
     profile = Profile.from_dict(_profile(two_level).to_dict())
     assert two_level_of(profile) == dataclasses.replace(two_level)
     assert two_level_of(_profile()) is None
+    older = {k: v for k, v in two_level.to_dict().items() if k != "site_cpu_s_per_byte"}
+    assert TwoLevel.from_dict(older).site_cpu_s_per_byte == 0.0  # profiled before it was measured
+    with pytest.raises(ValueError, match=r"two_level site_cpu_s_per_byte must be a finite number >= 0, got -1e-09"):
+        TwoLevel.from_dict({**two_level.to_dict(), "site_cpu_s_per_byte": -1e-9})
+    with pytest.raises(ValueError, match=r"site_cpu_s_per_byte must be a finite number >= 0, got 'fast'"):
+        TwoLevel.from_dict({**two_level.to_dict(), "site_cpu_s_per_byte": "fast"})
     with pytest.raises(ValueError, match=r"two_level is malformed \(KeyError: 'cross'\)"):
         TwoLevel.from_dict({"sites": 2, "ranks_per_site": 2})
     with pytest.raises(ValueError, match=r"two_level ranks_per_site must be an integer >= 2, got 1"):

@@ -204,6 +204,14 @@ def _cells(seconds: float | None, ssgd: float, lower: float) -> str:
     return f"{seconds:>10.4f} {ratio:>7.2f}x {speedup:>7.2f}x"
 
 
+def _two_level_in(profile: Profile, path: str) -> TwoLevel | None:
+    """The profile's two-level measurements; damaged ones are an error naming the file."""
+    try:
+        return two_level_of(profile)
+    except ValueError as err:
+        raise ValueError(f"profile file {path!r}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -216,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = SyncOptions(
             mode=args.sync, outer=args.outer, compress=args.compress, compress_block=args.compress_block, prefix="plan"
         )
-        two_level = two_level_of(profile) if args.hierarchy != "flat" else None
+        two_level = _two_level_in(profile, args.profile) if args.hierarchy != "flat" else None
         if args.hierarchy == "hierarchical" and two_level is None:
             raise ValueError(
                 f"--hierarchy hierarchical needs a profile measured with sites of several ranks; {args.profile!r} "

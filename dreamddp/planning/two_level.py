@@ -13,14 +13,20 @@ plan are the same as for flat DreamDDP: a prediction and a run cannot drift apar
 The site's gradients are all-reduced every iteration on the fast network, launched as units
 become ready and waited for at the end of backward. Their exposed time — the LAN channel run
 over the gradient buckets (``pack_in_order``, the wrapper's rule) past the end of backward —
-is added to the step: serially, so an upper bound where it overlaps the cross-site wait. Where
-the LAN is this machine's loopback the reduction also takes CPU from compute on shared cores;
-that is not modelled (the profiler measures compute alone).
+is added to the step: serially, so an upper bound where it overlaps the cross-site wait.
+
+Where the site's network is driven by the cores that compute (a loopback here, any CPU-only
+site), the reduction also takes CPU from forward and backward. The profiler measures that:
+the same iterations with and without the site's gradient all-reduce
+(``profiler.site_cost``); what the measured difference has beyond the modelled exposure is
+the CPU the reduction took, kept per byte reduced (``TwoLevel.site_cpu_s_per_byte``) and
+charged to every iteration in proportion to the profile's bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +35,7 @@ from dreamddp.core.buckets import pack_in_order
 from dreamddp.planning.profile import CommModel, Profile
 from dreamddp.validation import require
 
-__all__ = ["TwoLevel", "priced_two_level", "site_gradient_s", "two_level_of"]
+__all__ = ["TwoLevel", "priced_two_level", "site_cpu_per_byte", "site_cpu_s", "site_gradient_s", "two_level_of"]
 
 GRADIENT_CAP_BYTES = 25 * 2**20  # the wrapper's default bucket cap, which its gradient buckets use too
 
@@ -42,11 +48,19 @@ class TwoLevel:
     ranks_per_site: int
     cross: CommModel  # one shard all-reduce across sites, with every local index's running at once
     intra: CommModel  # one all-reduce inside a site
+    site_cpu_s_per_byte: float = 0.0  # compute the site's gradient all-reduce slows, per byte reduced
 
     def __post_init__(self) -> None:
         for what in ("sites", "ranks_per_site"):
             value = getattr(self, what)
             require(isinstance(value, int) and value >= 2, f"two_level {what}", "an integer >= 2", value)
+        cpu = self.site_cpu_s_per_byte
+        require(
+            isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and math.isfinite(cpu) and cpu >= 0,
+            "two_level site_cpu_s_per_byte",
+            "a finite number >= 0",
+            cpu,
+        )
 
     def describe(self) -> str:
         return f"{self.sites} sites x {self.ranks_per_site} ranks"
@@ -57,6 +71,7 @@ class TwoLevel:
             "ranks_per_site": self.ranks_per_site,
             "cross": _comm_dict(self.cross),
             "intra": _comm_dict(self.intra),
+            "site_cpu_s_per_byte": self.site_cpu_s_per_byte,
         }
 
     @classmethod
@@ -64,7 +79,13 @@ class TwoLevel:
         if not isinstance(raw, Mapping):
             raise ValueError(f"profile metadata two_level must be an object, got {type(raw).__name__}")
         try:
-            return cls(int(raw["sites"]), int(raw["ranks_per_site"]), _comm(raw["cross"]), _comm(raw["intra"]))
+            return cls(
+                int(raw["sites"]),
+                int(raw["ranks_per_site"]),
+                _comm(raw["cross"]),
+                _comm(raw["intra"]),
+                raw.get("site_cpu_s_per_byte", 0.0),  # profiles from before it was measured: none
+            )
         except (KeyError, TypeError) as err:
             raise ValueError(f"profile metadata two_level is malformed ({type(err).__name__}: {err})") from None
 
@@ -88,9 +109,21 @@ def site_gradient_s(profile: Profile, intra: CommModel, cap_bytes: int = GRADIEN
     return max(0.0, free - end)
 
 
+def site_cpu_s(profile: Profile, two_level: TwoLevel) -> float:
+    """Compute time the site's gradient all-reduce takes from one iteration on shared cores."""
+    return two_level.site_cpu_s_per_byte * sum(u.nbytes for u in profile.units)
+
+
+def site_cpu_per_byte(profile: Profile, intra: CommModel, measured_extra_s: float, gradient_bytes: int) -> float:
+    """The measured cost of the site's gradients beyond their modelled exposure, per byte reduced."""
+    if gradient_bytes <= 0:
+        return 0.0
+    return max(0.0, measured_extra_s - site_gradient_s(profile, intra)) / gradient_bytes
+
+
 def priced_two_level(profile: Profile, two_level: TwoLevel) -> Profile:
     """``profile`` as two-level DreamDDP runs it: the sharded cross-site price per byte, and the
-    site's gradient all-reduce added to the step."""
+    site's gradient all-reduce (its exposure and the CPU it takes) added to the step."""
     g = two_level.ranks_per_site
     comm = CommModel(
         two_level.cross.alpha_s + two_level.intra.alpha_s,
@@ -102,7 +135,7 @@ def priced_two_level(profile: Profile, two_level: TwoLevel) -> Profile:
     priced = profile.with_comm(comm)
     return dataclasses.replace(
         priced,
-        optimizer_s=profile.optimizer_s + site_gradient_s(profile, two_level.intra),
+        optimizer_s=profile.optimizer_s + site_gradient_s(profile, two_level.intra) + site_cpu_s(profile, two_level),
         metadata={**priced.metadata, "priced_for_sites": two_level.describe()},
     )
 

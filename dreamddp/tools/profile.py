@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from dreamddp.core.topology import discover
 from dreamddp.emulation.link import describe_link, link_from_settings
 from dreamddp.planning.profile import CommModel, Profile, UnitProfile
-from dreamddp.planning.two_level import TwoLevel, two_level_of
+from dreamddp.planning.two_level import TwoLevel, site_cpu_per_byte, site_cpu_s, two_level_of
 from dreamddp.training.config import load_config
 from dreamddp.training.data import build_data
 from dreamddp.training.distributed import init_process_group
@@ -34,8 +35,11 @@ from dreamddp.training.strategies import build_optimizer
 from profiler.codec import profile_codecs
 from profiler.comm import DEFAULT_SIZES, profile_comm
 from profiler.compute import profile_compute
+from profiler.site_cost import SiteGradientCost, profile_site_gradients
 
 __all__ = ["main", "format_profile"]
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -108,7 +112,17 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
     compute = _slowest(local, [Profile.from_dict(d) for d in everyone])
     link = link_from_settings(cfg.train.link, world)
     comm = profile_comm(sizes=sizes, repeats=repeats, link=link, device=device)
-    two_level = _profile_two_level(cfg, sizes, repeats, link, device)
+    two_level = _profile_two_level(
+        cfg,
+        sizes,
+        repeats,
+        link,
+        device,
+        compute,
+        lambda group: profile_site_gradients(
+            model, make_batch, loss_fn, group, iters=max(iters // 2, 3), warmup=min(warmup, 2) or 1
+        ),
+    )
     codecs = profile_codecs(device, world=world)  # delta sync's payload compute, priced by the planner
     cpu_after = psutil.cpu_times()
     busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -142,12 +156,23 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
     ).with_comm(comm)
 
 
-def _profile_two_level(cfg, sizes: list[int], repeats: int, link, device: torch.device) -> TwoLevel | None:
-    """With sites of several ranks (and train.hierarchy not flat): both networks' α–β models.
+def _profile_two_level(
+    cfg,
+    sizes: list[int],
+    repeats: int,
+    link,
+    device: torch.device,
+    compute: Profile,
+    measure_site: Callable[[dist.ProcessGroup], SiteGradientCost],
+) -> TwoLevel | None:
+    """With sites of several ranks (and train.hierarchy not flat): both networks' α–β models,
+    and the CPU the site's gradient all-reduce takes from compute.
 
     The cross-site groups (one per local index) are swept at the same time, as two-level
     DreamDDP uses them, so their shared uplink is in the fit; every rank then adopts the
-    slowest group's times, so that every rank writes the same profile.
+    slowest group's times, so that every rank writes the same profile. The site's gradients
+    are timed against the same iterations without them (``profiler.site_cost``); the slowest
+    rank's difference, less the intra model's predicted exposure, is the CPU share.
     """
     if cfg.train.hierarchy == "flat":
         return None
@@ -156,7 +181,17 @@ def _profile_two_level(cfg, sizes: list[int], repeats: int, link, device: torch.
         return None
     cross = _slowest_fit(profile_comm(topology.cross, sizes, repeats, link=link, device=device))
     intra = _slowest_fit(profile_comm(topology.intra, sizes, repeats, device=device))
-    return TwoLevel(topology.sites, topology.ranks_per_site, cross, intra)
+    cost = measure_site(topology.intra)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (cost.extra_s, cost.gradient_bytes))
+    extra_s, gradient_bytes = max(everyone)
+    cpu = site_cpu_per_byte(compute, intra, extra_s, gradient_bytes)
+    logger.info(
+        "site gradients: +%.1f ms per iteration measured, %.1f ms of it CPU taken from compute",
+        extra_s * 1e3,
+        cpu * gradient_bytes * 1e3,
+    )
+    return TwoLevel(topology.sites, topology.ranks_per_site, cross, intra, cpu)
 
 
 def _slowest_fit(mine: CommModel) -> CommModel:
@@ -221,6 +256,10 @@ def format_profile(profile: Profile, top: int = 10) -> str:
                 f"two-level ({two_level.describe()}), {name}: alpha = {m.alpha_s * 1e3:.3f} ms, "
                 f"beta = {m.beta_s_per_byte * 1e9:.3f} ns/byte"
             )
+        lines.append(
+            f"two-level ({two_level.describe()}), CPU the site's gradient all-reduce takes from compute: "
+            f"{site_cpu_s(profile, two_level) * 1e3:.1f} ms per iteration"
+        )
     return "\n".join(lines)
 
 
