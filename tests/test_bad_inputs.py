@@ -666,6 +666,15 @@ def _schedule_period_zero() -> BaseException:
     return info.value
 
 
+def _deepspeed_hierarchy() -> BaseException:
+    pytest.importorskip("deepspeed")
+    from dreamddp.integrations.deepspeed import _parse_section
+
+    with pytest.raises(ValueError) as info:
+        _parse_section({"period": 4, "hierarchy": "auto"}, Path("."))
+    return info.value
+
+
 def _schedule_delay_too_long() -> BaseException:
     from dreamddp import Schedule
 
@@ -811,6 +820,7 @@ class ApiCase:
 API_CASES = [
     ApiCase("schedule-period-zero", _schedule_period_zero, ("got 0", ">= 1")),
     ApiCase("schedule-delay-too-long", _schedule_delay_too_long, ("'wte'", "delay 2", "must be < 2")),
+    ApiCase("deepspeed-hierarchy", _deepspeed_hierarchy, ("'auto'", "DeepSpeed adapter", '"flat"')),
     ApiCase("models-differ-across-ranks", _models_differ_across_ranks, ("'0'", "[16, 4]", "[8, 4]", "rank 0")),
     ApiCase(
         "forward-overlap-stale-read",

@@ -340,6 +340,7 @@ def _refusals_and_section(rank: int, world: int, tmp: str) -> dict:
     for name, section in {
         "unknown-key": {"period": 2, "perriod": 3},
         "period-mismatch": {"period": 2, "schedule": os.path.join(tmp, "plan.json")},
+        "hierarchy": {"period": 2, "hierarchy": "auto"},
     }.items():
         try:
             ds_dreamddp.initialize(
@@ -367,6 +368,7 @@ def test_unsupported_configs_are_refused_and_the_config_section_works(tmp_path):
     assert r["section_schedule"] and r["section_allreduce_off"], r
     assert "unknown key 'perriod'" in r["unknown-key"], r["unknown-key"]
     assert "period 2 differs from the period 3" in r["period-mismatch"], r["period-mismatch"]
+    assert "hierarchy 'auto' is not supported by the DeepSpeed adapter yet" in r["hierarchy"], r["hierarchy"]
     assert "already wrapped" in r["twice"], r["twice"]
 
 

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_SECTION = "dreamddp"  # the DeepSpeed config section ``initialize`` reads
 CLIENT_STATE_KEY = "dreamddp"  # where the iteration counter rides in DeepSpeed's client state
-_SECTION_KEYS = ("period", "schedule", "bucket_cap_mb", "link", "broadcast_from_rank0")
+_SECTION_KEYS = ("period", "schedule", "bucket_cap_mb", "link", "broadcast_from_rank0", "hierarchy")
 _LOCAL_STATE_FORMAT = "dreamddp.deepspeed-rank/1"
 # Optimizers that synchronise on their own inside step() (compressed momentum all-reduce):
 # they are a replacement for gradient averaging, not a local optimizer.
@@ -442,6 +442,12 @@ def _parse_section(section: Any, base: Path) -> dict[str, Any]:
     require(isinstance(link, str), f"{where}: link", "a string such as '100mbit,20ms'", link)
     broadcast = section.get("broadcast_from_rank0", True)
     require(isinstance(broadcast, bool), f"{where}: broadcast_from_rank0", "true or false", broadcast)
+    hierarchy = section.get("hierarchy", "flat")
+    if hierarchy != "flat":  # named so that asking for two levels is refused, not ignored
+        raise ValueError(
+            f"{where}: hierarchy {hierarchy!r} is not supported by the DeepSpeed adapter yet (it runs every rank "
+            'as its own replica); use "flat", or the trainer\'s train.hierarchy for two-level synchronization'
+        )
     return {"schedule": schedule, "bucket_cap_mb": float(bucket), "link": link, "broadcast_from_rank0": broadcast}
 
 
