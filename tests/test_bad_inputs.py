@@ -65,6 +65,7 @@ PROGRAMS = {
     "train": ["-m", "dreamddp.train"],
     "plan": ["-m", "dreamddp.cli", "plan"],
     "cluster": ["-m", "dreamddp.cli", "cluster"],
+    "bench": ["-m", "dreamddp.cli", "bench"],
 }
 # Variables that would make a subprocess join some other job or change its behaviour.
 JOB_ENV = (
@@ -266,6 +267,18 @@ def _damaged_two_level_profile(cwd: Path, _request) -> list[str]:
     raw = json.loads((cwd / "profile.json").read_text())
     raw["metadata"]["two_level"]["site_cpu_s_per_byte"] = -1e-9
     (cwd / "profile.json").write_text(json.dumps(raw))
+    return []
+
+
+def _other_comparison(cwd: Path, _request) -> list[str]:
+    """A recorded convergence comparison of 4 steps in conv/ (resumed below with 6)."""
+    import json
+
+    _tiny(cwd)
+    (cwd / "conv").mkdir()
+    header = {"format": "dreamddp.convergence/1", "config": "tiny.toml", "overrides": [], "link": "100mbit,20ms"}
+    header.update({"steps": 4, "sites": 2, "procs_per_site": 1, "periods": [4], "models": []})
+    (cwd / "conv" / "convergence.json").write_text(json.dumps(header))
     return []
 
 
@@ -556,6 +569,25 @@ CLI_CASES = [
         ("'nosuch'", "dreamddp cluster up --name nosuch"),
     ),
     CliCase("cluster-bad-sites", "cluster", ("up", "--sites", "0"), ("--sites", "got 0", ">= 1")),
+    CliCase("bench-resume-without-convergence", "bench", ("--resume",), ("--resume", "--convergence")),
+    CliCase(
+        "bench-resume-other-comparison",
+        "bench",
+        (
+            "--convergence",
+            "--resume",
+            "--config",
+            "tiny.toml",
+            "--links",
+            "100mbit,20ms",
+            "--steps",
+            "6",
+            "--out",
+            "conv",
+        ),
+        ("'conv/convergence.json'", "steps 4", "asks for 6"),
+        setup=_other_comparison,
+    ),
     CliCase(
         "cluster-shape-without-up",
         "cluster",

@@ -91,6 +91,51 @@ def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_convergence_resume_adds_a_seed_and_keeps_what_was_recorded(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    conv = ["--network", "simulated", "--algorithms", "ssgd", "dreamddp", "--convergence", "--eval-every", "2"]
+    assert _bench(tmp_path, *conv, "--seeds", "1") == 0
+    first = json.loads((tmp_path / "convergence.json").read_text())
+    schedule = (tmp_path / "schedule-gpt-tiny-dreamddp.json").read_text()
+    profile = (tmp_path / "profile-gpt-tiny.json").read_text()
+
+    assert _bench(tmp_path, *conv, "--seeds", "2", "--resume", "--report") == 0
+    second = json.loads((tmp_path / "convergence.json").read_text())
+    (model,) = second["models"]
+    assert [(r["algorithm"], r["seed"]) for r in model["runs"]] == [
+        ("ssgd", 0),
+        ("dreamddp", 0),
+        ("ssgd", 1),
+        ("dreamddp", 1),
+    ]
+    assert model["runs"][:2] == first["models"][0]["runs"]  # the recorded runs are kept as they were
+    assert set(model["budgets_s"]) == {"0", "1"} and second["seeds"] == 2
+    assert second["started"] == first["started"] and len(second["resumed"]) == 1
+    # The new seed trained on the recorded profile and schedule, not on fresh ones.
+    assert (tmp_path / "schedule-gpt-tiny-dreamddp.json").read_text() == schedule
+    assert (tmp_path / "profile-gpt-tiny.json").read_text() == profile
+    assert "Continued with: `dreamddp bench" in (tmp_path / "report.md").read_text()
+
+    # Nothing left to run: a third call trains nothing and changes no run.
+    assert _bench(tmp_path, *conv, "--seeds", "2", "--resume") == 0
+    assert json.loads((tmp_path / "convergence.json").read_text())["models"][0]["runs"] == model["runs"]
+
+    # Another comparison in the same folder is refused, naming what differs.
+    capsys.readouterr()
+    assert (
+        main(
+            ["--config", "configs/gpt-tiny.toml", "--links", "100mbit,20ms", "--steps", "6", "--out", str(tmp_path)]
+            + [x for item in TINY for x in ("--set", item)]
+            + [*conv, "--resume"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "was run with steps 4, this run asks for 6" in err and "\n" not in err, err
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(bool(_cluster_unavailable()), reason=_cluster_unavailable() or "ok")
 def test_grid_through_the_emulated_cluster(tmp_path, monkeypatch):
@@ -111,6 +156,7 @@ def test_grid_through_the_emulated_cluster(tmp_path, monkeypatch):
         (["--network", "carrier-pigeon"], "--network 'carrier-pigeon' is unknown"),
         (["--period", "0"], "--period must be >= 1, got 0"),
         (["--config", "configs/nope.toml"], "nope.toml"),
+        (["--resume"], "--resume continues a --convergence comparison"),
     ],
 )
 def test_bad_bench_input_is_a_one_line_error(argv, message, capsys, tmp_path):

@@ -366,6 +366,8 @@ def convergence_table(conv: dict) -> str:
         lines += [str(conv["note"]), ""]
     if conv.get("command"):
         lines += [f"Command: `{conv['command']}`", ""]
+    for resumed in conv.get("resumed", []):  # --resume: the invocations that added runs
+        lines += [f"Continued with: `{resumed}`", ""]
     for model in conv.get("models", []):
         lines += _model_section(conv, model)
     return "\n".join(lines)

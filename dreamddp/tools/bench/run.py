@@ -42,6 +42,7 @@ from dreamddp.tools.bench.names import (
     RESULTS_FORMAT,
     PlannedVariant,
 )
+from dreamddp.tools.bench.resume import has_run, load_prior, prior_model
 from dreamddp.tools.runner import TrainRunFailed, median_run, read_summary, torchrun
 from dreamddp.training.config import load_config
 from dreamddp.validation import is_int, require
@@ -74,6 +75,7 @@ class BenchConfig:
     seeds: int = 1  # convergence: every run for train.seed 0..seeds-1 (mean and spread reported)
     periods: list[int] = field(default_factory=list)  # convergence: H values (S-SGD's run shared); [] = [period]
     name: str = "dreamddpb"  # namespace prefix, distinct from a user's own `dreamddp` cluster
+    resume: bool = False  # convergence: keep the runs already in out/convergence.json, run the rest
 
     def __post_init__(self) -> None:
         for algorithm in self.algorithms:
@@ -211,9 +213,14 @@ def _module_args(module: str, config: str, overrides: Sequence[str], *extra: str
 
 
 def _plan(
-    profile_path: Path, period: int, folder: Path, tag: str
+    profile_path: Path, period: int, folder: Path, tag: str, reuse: bool = False
 ) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
-    """Schedules for dreamddp (+fill), each algorithm's predicted s/iteration, and the bounds."""
+    """Schedules for dreamddp (+fill), each algorithm's predicted s/iteration, and the bounds.
+
+    ``reuse``: a schedule file already in ``folder`` is kept and used (``--resume``: the runs
+    still to do train on the schedules the recorded ones did, whatever the planner does today).
+    """
+    from dreamddp.core.schedule import Schedule
     from dreamddp.planning import plan, simulate, simulate_method
     from dreamddp.planning.compression import priced_for
     from dreamddp.planning.profile import Profile
@@ -230,7 +237,10 @@ def _plan(
     paths = {}
     for name, schedule in schedules.items():
         paths[name] = folder / f"schedule-{tag}-{name.replace('+', '-')}.json"
-        schedule.to_json(paths[name])
+        if reuse and paths[name].exists():
+            schedules[name] = Schedule.from_json(paths[name])
+        else:
+            schedule.to_json(paths[name])
     local = simulate_method(profile, "local_sgd", period).iteration_s
     predicted = {
         "ssgd": simulate_method(profile, "ssgd", 1).iteration_s,
@@ -360,15 +370,27 @@ def run_convergence(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
         "seeds": cfg.seeds,
         "models": [],
     }
+    prior = load_prior(out / "convergence.json", results) if cfg.resume else None
+    if prior is not None:  # the recorded comparison, continued: its start and command stay, ours is added
+        results = {**prior, "seeds": max(cfg.seeds, prior.get("seeds", 1)), "models": []}
+        results["resumed"] = [*prior.get("resumed", []), command]
     cluster = Cluster(cfg, link, network, out)
     with cluster.up():
         results["delay"] = cluster.delay_mode
         for config in cfg.configs:
             tag = Path(config).stem
             print(f"== convergence: {config} over {link} ({network}) ==", flush=True)
-            profile_path = _profile(cluster, cfg, config, out, tag)
-            schedules = {h: _plan(profile_path, h, out, f"{tag}-h{h}" if len(periods) > 1 else tag)[0] for h in periods}
-            model: dict[str, Any] = {
+            recorded = prior_model(prior, config)
+            profile_path = out / f"profile-{tag}.json"
+            if recorded is None or not profile_path.exists():
+                profile_path = _profile(cluster, cfg, config, out, tag)
+            schedules = {
+                h: _plan(profile_path, h, out, f"{tag}-h{h}" if len(periods) > 1 else tag, reuse=recorded is not None)[
+                    0
+                ]
+                for h in periods
+            }
+            model: dict[str, Any] = recorded or {
                 "config": config,
                 "model": load_config(config, cfg.overrides).model_name,
                 "steps": cfg.steps,
@@ -378,13 +400,16 @@ def run_convergence(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
             results["models"].append(model)
             others = [a for a in cfg.algorithms if a != "ssgd"]
             for seed in range(cfg.seeds):
-                budget = _convergence_run(cluster, cfg, config, tag, model, "ssgd", None, seed, {})
-                model["budgets_s"][str(seed)] = budget
-                model.setdefault("budget_s", budget)  # the first seed's, for single-seed readers
+                if str(seed) not in model["budgets_s"]:
+                    budget = _convergence_run(cluster, cfg, config, tag, model, "ssgd", None, seed, {})
+                    model["budgets_s"][str(seed)] = budget
+                    model.setdefault("budget_s", budget)  # the first seed's, for single-seed readers
                 for period in periods:
                     for algorithm in others:
+                        if has_run(model, algorithm, period, seed):
+                            continue
                         _convergence_run(cluster, cfg, config, tag, model, algorithm, period, seed, schedules[period])
-                    _write(out / "convergence.json", results)
+                        _write(out / "convergence.json", results)
             _write(out / "convergence.json", results)
     return results
 
@@ -500,6 +525,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--periods", type=int, nargs="+", default=[], metavar="H", help="--convergence: several H, S-SGD shared"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="--convergence: keep the runs, profile and schedules already in --out; run only what is missing",
+    )
     parser.add_argument("--report", action="store_true", help="also write report.md and the plots into --out")
     return parser.parse_args(argv)
 
@@ -507,6 +537,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.resume and not args.convergence:
+        print(
+            "dreamddp bench: error: --resume continues a --convergence comparison; add --convergence", file=sys.stderr
+        )
+        return 2
     try:
         cfg = BenchConfig(
             args.config or ["configs/gpt-tiny.toml"],
@@ -524,9 +559,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.repeats,
             seeds=args.seeds,
             periods=args.periods,
+            resume=args.resume,
         )
     except ValueError as err:
         print(f"dreamddp bench: error: {err}", file=sys.stderr)
+        return 2
+    if args.resume and not args.convergence:
+        print(
+            "dreamddp bench: error: --resume continues a --convergence comparison; add --convergence", file=sys.stderr
+        )
         return 2
     command = "dreamddp bench " + shlex.join(argv)
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cluster is taken down.
