@@ -143,13 +143,7 @@ class SiteGradients:
     def plan(self, units: Sequence[SyncUnit], order: Sequence[int]) -> list[GradBucket]:
         """The gradient buckets for launch ``order`` (rebuilt only when the order changes)."""
         if self._plan_order != tuple(order):
-            items = [(i, p) for i in order for p in units[i].params if p.requires_grad]
-            packed = pack_in_order(
-                [p.numel() * p.element_size() for _, p in items],
-                self.cap_bytes,
-                keys=[(p.dtype, p.device) for _, p in items],
-            )
-            self._plan = [GradBucket(tuple(items[k][1] for k in b), frozenset(items[k][0] for k in b)) for b in packed]
+            self._plan = gradient_buckets(units, order, self.cap_bytes)
             self._plan_order = tuple(order)
         return self._plan
 
