@@ -270,6 +270,17 @@ def _damaged_two_level_profile(cwd: Path, _request) -> list[str]:
     return []
 
 
+def _damaged_burst_profile(cwd: Path, _request) -> list[str]:
+    """A profile whose measured burst after idle was edited to a negative number."""
+    import json
+
+    _good_profile(cwd, _request)
+    raw = json.loads((cwd / "profile.json").read_text())
+    raw["comm"]["burst_s"] = -0.05
+    (cwd / "profile.json").write_text(json.dumps(raw))
+    return []
+
+
 def _other_comparison(cwd: Path, _request) -> list[str]:
     """A recorded convergence comparison of 4 steps in conv/ (resumed below with 6)."""
     import json
@@ -554,6 +565,13 @@ CLI_CASES = [
         ("--profile", "profile.json", "--period", "2", "--out", "s.json"),
         ("'profile.json'", "site_cpu_s_per_byte", "-1e-09"),
         setup=_damaged_two_level_profile,
+    ),
+    CliCase(
+        "plan-burst-damaged",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "s.json"),
+        ("'profile.json'", "comm burst_s", "-0.05"),
+        setup=_damaged_burst_profile,
     ),
     CliCase(
         "plan-period-unbounded",

@@ -16,6 +16,7 @@ any falls back to pricing each trial in full (small synthetic profiles only).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from dreamddp.planning.interleave import FastCost
@@ -159,10 +160,24 @@ class _Sweep:
 
 
 def fill_groups(cost: FastCost, groups: Sequence[Sequence[int]], n: int) -> list[list[int]]:
-    """Each group with the units added that cost it nothing, in backward order."""
+    """Each group with the units added that cost it nothing, in backward order.
+
+    With a shaper's burst (``cost.burst``) the tables above do not hold (the burst shortens
+    whichever buckets come first), so the sweep runs on the burst-free price and its result is
+    kept where the exact price did not grow; otherwise that group is filled trial by trial.
+    """
     if not cost.per_unit and any(size == 0 for size in cost.nbytes):
         return [_fill_slow(cost, g, n) for g in groups]
-    return [_Sweep(cost, sorted(g)).run(n) for g in groups]
+    if cost.burst <= 0:
+        return [_Sweep(cost, sorted(g)).run(n) for g in groups]
+    plain = copy.copy(cost)
+    plain.burst = 0.0
+    filled = []
+    for group in groups:
+        members = sorted(group)
+        swept = _Sweep(plain, members).run(n)
+        filled.append(swept if cost(swept) <= cost(members) + _EPS else _fill_slow(cost, members, n))
+    return filled
 
 
 def _fill_slow(cost: FastCost, group: Sequence[int], n: int) -> list[int]:

@@ -69,6 +69,7 @@ def exposure_lower_bound(model: CostModel, period: int) -> float:
     if n == 0:
         return 0.0
     alpha, _, own = _durations(model)
+    alpha -= model.burst  # a group's messages save at most one burst between them
     per_unit = model.profile.comm is None
     ready = np.asarray(model.ready, dtype=float)
     slack = model.end - ready
@@ -167,6 +168,8 @@ class FastCost:
         self.comm = list(model.comm)
         self.cap = model.cap
         self.end = model.end
+        self.burst = model.burst
+        self.idle_before = model.idle_before
 
     def __call__(self, units: Sequence[int]) -> float:
         """``units`` ascending."""
@@ -181,6 +184,8 @@ class FastCost:
                 free = (r if r > free else free) + comm[k]
             return max(0.0, free - self.end)
         starts, nbytes, cap, alpha, beta = self.starts, self.nbytes, self.cap, self.alpha, self.beta
+        if self.burst > 0:
+            return self._with_burst(units)
         first = units[0]
         b_start, b_end, last = starts[first], starts[first] + nbytes[first], first
         for k in units[1:]:
@@ -193,6 +198,32 @@ class FastCost:
             b_start, b_end, last = s, e, k
         r = ready[last]
         free = (r if r > free else free) + (alpha + beta * (b_end - b_start))
+        return max(0.0, free - self.end)
+
+    def _with_burst(self, units: Sequence[int]) -> float:
+        """The same channel, the iteration's first messages spending the shaper's burst."""
+        starts, nbytes, cap, alpha, beta, ready = self.starts, self.nbytes, self.cap, self.alpha, self.beta, self.ready
+        runs: list[tuple[int, int]] = []  # (bucket bytes, last unit)
+        first = units[0]
+        b_start, b_end, last = starts[first], starts[first] + nbytes[first], first
+        for k in units[1:]:
+            s, e = starts[k], starts[k] + nbytes[k]
+            if s == b_end and e - b_start <= cap:
+                b_end, last = e, k
+                continue
+            runs.append((b_end - b_start, last))
+            b_start, b_end, last = s, e, k
+        runs.append((b_end - b_start, last))
+        free, tokens = 0.0, -1.0
+        for size, last in runs:
+            r = ready[last]
+            start = r if r > free else free
+            duration = alpha + beta * size
+            if tokens < 0:
+                tokens = min(self.burst, self.idle_before + start)
+            saved = min(tokens, duration - alpha)
+            tokens -= saved
+            free = start + (duration - saved)
         return max(0.0, free - self.end)
 
 

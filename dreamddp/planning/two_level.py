@@ -131,6 +131,7 @@ def priced_two_level(profile: Profile, two_level: TwoLevel) -> Profile:
         None,
         (),
         f"two-level {two_level.describe()}",
+        two_level.cross.burst_s,  # the WAN's bucket; the site's own links are not shaped
     )
     priced = profile.with_comm(comm)
     return dataclasses.replace(
@@ -141,8 +142,16 @@ def priced_two_level(profile: Profile, two_level: TwoLevel) -> Profile:
 
 
 def _comm_dict(comm: CommModel) -> dict[str, Any]:
-    return {"alpha_s": comm.alpha_s, "beta_s_per_byte": comm.beta_s_per_byte, "r2": comm.r2, "link": comm.link}
+    return {
+        "alpha_s": comm.alpha_s,
+        "beta_s_per_byte": comm.beta_s_per_byte,
+        "r2": comm.r2,
+        "link": comm.link,
+        "burst_s": comm.burst_s,
+    }
 
 
 def _comm(raw: Any) -> CommModel:
-    return CommModel(raw["alpha_s"], raw["beta_s_per_byte"], raw.get("r2"), (), raw.get("link", ""))
+    return CommModel(
+        raw["alpha_s"], raw["beta_s_per_byte"], raw.get("r2"), (), raw.get("link", ""), raw.get("burst_s", 0.0)
+    )

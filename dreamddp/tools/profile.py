@@ -179,8 +179,8 @@ def _profile_two_level(
     topology = discover(ranks_per_site=cfg.train.ranks_per_site or None)
     if not topology.hierarchical:
         return None
-    cross = _slowest_fit(profile_comm(topology.cross, sizes, repeats, link=link, device=device))
-    intra = _slowest_fit(profile_comm(topology.intra, sizes, repeats, device=device))
+    cross = _slowest_fit(profile_comm(topology.cross, sizes, repeats, link=link, device=device), repeats)
+    intra = _slowest_fit(profile_comm(topology.intra, sizes, repeats, device=device), repeats)
     cost = measure_site(topology.intra)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (cost.extra_s, cost.gradient_bytes))
@@ -194,12 +194,13 @@ def _profile_two_level(
     return TwoLevel(topology.sites, topology.ranks_per_site, cross, intra, cpu)
 
 
-def _slowest_fit(mine: CommModel) -> CommModel:
+def _slowest_fit(mine: CommModel, repeats: int) -> CommModel:
     """The fit through every group's slowest time per size (groups measured separately differ)."""
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, list(mine.points))
-    points = [(size, max(theirs[k][1] for theirs in everyone)) for k, (size, _) in enumerate(mine.points)]
-    return CommModel.fit(points, link=mine.link)
+    dist.all_gather_object(everyone, (list(mine.points), mine.burst_s))
+    points = [(size, max(theirs[0][k][1] for theirs in everyone)) for k, (size, _) in enumerate(mine.points)]
+    burst = max(theirs[1] for theirs in everyone)
+    return CommModel.fit(points, link=mine.link, burst_s=burst, repeats=repeats)
 
 
 def _slowest(mine: Profile, everyone: list[Profile]) -> Profile:
@@ -247,7 +248,7 @@ def format_profile(profile: Profile, top: int = 10) -> str:
         lines.append(
             f"comm model ({profile.metadata.get('link', '')}): alpha = {c.alpha_s * 1e3:.3f} ms, "
             f"beta = {c.beta_s_per_byte * 1e9:.3f} ns/byte ({c.bandwidth_bps / 1e6:.1f} Mbit/s effective), "
-            f"R^2 = {c.r2:.4f} over {len(c.points)} sizes"
+            f"R^2 = {c.r2:.4f} over {len(c.points)} sizes; burst after idle {c.burst_s * 1e3:.1f} ms"
         )
     two_level = two_level_of(profile)
     if two_level is not None:
