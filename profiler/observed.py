@@ -31,9 +31,12 @@ def refresh(profile: Profile, observed: Sequence[ObservedIteration]) -> Profile:
             windows.setdefault(name, []).append(max(0.0, ready - previous))
             previous = ready
         channel_free = float("-inf")
-        for bucket in sorted(it.buckets, key=lambda b: b.launch_s):
+        for k, bucket in enumerate(sorted(it.buckets, key=lambda b: b.launch_s)):
             start = max(bucket.launch_s, channel_free)
-            points.append((bucket.nbytes, max(0.0, bucket.done_s - start)))
+            seconds = max(0.0, bucket.done_s - start)
+            if k == 0:  # the iteration's first bucket spent the shaper's burst: count it back in
+                seconds += _burst_spent(profile, bucket.nbytes)
+            points.append((bucket.nbytes, seconds))
             channel_free = bucket.done_s
     units = tuple(
         dataclasses.replace(u, backward_s=statistics.median(windows[u.name])) if u.name in windows else u
@@ -47,8 +50,22 @@ def refresh(profile: Profile, observed: Sequence[ObservedIteration]) -> Profile:
     )
     if len({b for b, _ in points}) >= 2:
         link = profile.comm.link if profile.comm is not None else ""
-        refreshed = refreshed.with_comm(CommModel.fit(points, link=link))
+        fitted = CommModel.fit(points, link=link)
+        refreshed = refreshed.with_comm(dataclasses.replace(fitted, burst_s=_burst_now(profile.comm, fitted)))
     return refreshed
+
+
+def _burst_spent(profile: Profile, nbytes: int) -> float:
+    """What the profile's burst saved an all-reduce of ``nbytes`` after idle."""
+    comm = profile.comm
+    return 0.0 if comm is None else comm.credit(comm.burst_s, nbytes)
+
+
+def _burst_now(before: CommModel | None, now: CommModel) -> float:
+    """The profile's burst on today's link: a bucket of bytes, so its time scales with beta."""
+    if before is None or before.burst_s <= 0 or before.beta_s_per_byte <= 0:
+        return 0.0
+    return before.burst_s * now.beta_s_per_byte / before.beta_s_per_byte
 
 
 def compare(predicted: Profile, observed: Profile) -> str:

@@ -55,10 +55,13 @@ def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
     assert results["format"] == "dreamddp.bench/1"
     (link,) = results["links"]
     assert link["network"] == "simulated" and link["delay"] == "simulated"
-    assert [r["algorithm"] for r in link["runs"]] == ["ssgd", "dreamddp+fill"]
+    assert [r["algorithm"] for r in link["runs"]] == ["ssgd", "dreamddp+fill", "none"]  # the reference last
     for run in link["runs"]:
-        assert run["iter_s"] > 0 and run["predicted_iter_s"] > 0 and run["bytes_per_iter"] > 0
-    ssgd, dream = link["runs"]
+        assert run["iter_s"] > 0 and run["predicted_iter_s"] > 0 and run["calibrated_iter_s"] > 0
+    ssgd, dream, reference = link["runs"]
+    assert link["compute_drift"] == pytest.approx(reference["iter_s"] / link["compute_s"])
+    assert reference["calibrated_iter_s"] == pytest.approx(reference["iter_s"])
+    assert dream["bytes_per_iter"] > 0 and reference["bytes_per_iter"] == 0
     assert dream["bytes_per_iter"] < ssgd["bytes_per_iter"]  # a slice per iteration, not every gradient
     assert link["lower_bound_s"] > 0
     report = (tmp_path / "report.md").read_text()

@@ -137,3 +137,51 @@ def test_ddp_buckets_are_what_torch_ddp_launches(cap_mb):
     unit_bytes = [64 * 64 * 4] * 8  # backward order: last layer first
     predicted = [sum(unit_bytes[i] for i in b) for b in ddp_buckets(unit_bytes, cap_mb)]
     assert sorted(launched) == sorted(predicted), (launched, predicted)
+
+
+def test_refresh_counts_the_burst_back_in_and_scales_it_with_the_link():
+    from dreamddp.core.timing import ObservedBucket, ObservedIteration
+    from profiler import refresh
+
+    base = _two_units(0.05)  # alpha 10 ms, beta 1 us/byte, a 50 ms burst
+
+    def observed(beta: float, burst: float) -> list[ObservedIteration]:
+        its = []
+        for i, first_bytes in enumerate([100_000, 20_000, 200_000]):
+            took = 0.01 + beta * first_bytes - min(burst, beta * first_bytes)  # after idle
+            first = ObservedBucket(["u1"], first_bytes, 0.0, took)
+            second = ObservedBucket(["u0"], 30_000, took, took + 0.01 + beta * 30_000)  # back to back
+            its.append(ObservedIteration(i, 0, {"u1": 0.1, "u0": 0.2}, [first, second]))
+        return its
+
+    same = refresh(base, observed(1e-6, 0.05)).comm
+    assert same.alpha_s == pytest.approx(0.01) and same.beta_s_per_byte == pytest.approx(1e-6)
+    assert same.burst_s == pytest.approx(0.05)
+    # Without counting the burst back in, the first buckets would make the line too cheap.
+    assert (
+        CommModel.fit(
+            [(b.nbytes, b.done_s - b.launch_s) for it in observed(1e-6, 0.05) for b in it.buckets[:1]]
+        ).beta_s_per_byte
+        < 0.9e-6
+    )
+    # Slower link: the same bucket of bytes is worth proportionally more time.
+    slower = refresh(base, observed(2e-6, 0.10)).comm
+    assert slower.burst_s == pytest.approx(0.05 * slower.beta_s_per_byte / 1e-6)
+    assert slower.beta_s_per_byte > 1.5e-6
+
+
+def test_predictions_at_the_runs_compute_speed_scale_compute_not_the_link():
+    from dreamddp.tools.bench.predict import compute_s, predict_methods, with_compute_scaled
+
+    profile = _two_units(0.05)
+    slower = with_compute_scaled(profile, 1.5)
+    assert compute_s(slower) == pytest.approx(1.5 * compute_s(profile))
+    assert slower.comm == profile.comm and [u.nbytes for u in slower.units] == [u.nbytes for u in profile.units]
+    schedules = {name: Schedule(2, {"u1": [0], "u0": [1]}) for name in ("dreamddp", "dreamddp+fill")}
+    base, scaled = predict_methods(profile, {}, 2), predict_methods(slower, {}, 2)
+    assert scaled["none"] == pytest.approx(1.5 * base["none"])
+    # S-SGD's one bucket is launched at the end of backward: its exposure does not scale.
+    assert scaled["ssgd"] - scaled["none"] == pytest.approx(base["ssgd"] - base["none"])
+    assert set(predict_methods(profile, schedules, 2)) >= {"ssgd", "local_sgd", "plsgd", "none", "dreamddp"}
+    with pytest.raises(ValueError, match="compute scale must be > 0, got 0"):
+        with_compute_scaled(profile, 0)

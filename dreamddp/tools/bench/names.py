@@ -21,6 +21,7 @@ __all__ = [
     "FORWARD_VARIANTS",
     "PLANNED",
     "PlannedVariant",
+    "REFERENCE",
     "RESULTS_FORMAT",
     "TWO_LEVEL_ONLY",
 ]
@@ -86,7 +87,9 @@ def _delta(name: str) -> bool:
 
 # Every name the benchmark accepts, in the order tables and plots list them.
 BENCH_ALGORITHMS = (*ALGORITHMS, *(name for name in PLANNED if name not in ALGORITHMS))
-# "none" (no communication at all) is a reference floor, run on request, not a contender; the delta
+# The compute-only run the grid interleaves with the methods, to check predictions at the runs' speed.
+REFERENCE = "none"
+# "none" (no communication at all) is a reference floor, not a contender; the delta
 # variants are another axis (the payload), run on request (`--algorithms`).
 DEFAULT_ALGORITHMS = tuple(
     name for name in BENCH_ALGORITHMS if name != "none" and not _delta(name) and name not in TWO_LEVEL_ONLY

@@ -15,7 +15,6 @@ markdown table and plots (``dreamddp.tools.bench.report``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -39,8 +38,8 @@ from dreamddp.tools.bench.names import (
     CONVERGENCE_FORMAT,
     DEFAULT_ALGORITHMS,
     PLANNED,
+    REFERENCE,
     RESULTS_FORMAT,
-    PlannedVariant,
 )
 from dreamddp.tools.bench.resume import has_run, load_prior, prior_model
 from dreamddp.tools.runner import TrainRunFailed, median_run, read_summary, torchrun
@@ -76,6 +75,7 @@ class BenchConfig:
     periods: list[int] = field(default_factory=list)  # convergence: H values (S-SGD's run shared); [] = [period]
     name: str = "dreamddpb"  # namespace prefix, distinct from a user's own `dreamddp` cluster
     resume: bool = False  # convergence: keep the runs already in out/convergence.json, run the rest
+    reference: bool = True  # grid: also run "none" (compute only) interleaved, to check predictions at the runs' speed
 
     def __post_init__(self) -> None:
         for algorithm in self.algorithms:
@@ -221,18 +221,12 @@ def _plan(
     still to do train on the schedules the recorded ones did, whatever the planner does today).
     """
     from dreamddp.core.schedule import Schedule
-    from dreamddp.planning import plan, simulate, simulate_method
-    from dreamddp.planning.compression import priced_for
+    from dreamddp.planning import plan, simulate
     from dreamddp.planning.profile import Profile
-    from dreamddp.planning.two_level import priced_two_level, two_level_of
+    from dreamddp.tools.bench.predict import compute_s, predict_methods, priced_variants
 
     profile = Profile.from_json(profile_path)
-    two_level = two_level_of(profile)  # measured on sites of several ranks: dreamddp runs two-level there
-
-    def base(variant: PlannedVariant) -> Profile:
-        return priced_two_level(profile, two_level) if two_level and variant.hierarchy != "flat" else profile
-
-    priced = {name: priced_for(base(variant), variant.sync_options) for name, variant in PLANNED.items()}
+    priced = priced_variants(profile)
     schedules = {name: plan(priced[name], period, **variant.plan_options(period)) for name, variant in PLANNED.items()}
     paths = {}
     for name, schedule in schedules.items():
@@ -241,26 +235,35 @@ def _plan(
             schedules[name] = Schedule.from_json(paths[name])
         else:
             schedule.to_json(paths[name])
-    local = simulate_method(profile, "local_sgd", period).iteration_s
-    predicted = {
-        "ssgd": simulate_method(profile, "ssgd", 1).iteration_s,
-        "local_sgd": local,
-        "post_local_sgd": local,  # torch's averager: every parameter after the step, every H
-        "plsgd": simulate(base(PlannedVariant()), plan(base(PlannedVariant()), period, "plsgd")).iteration_s,
-        "none": profile.forward_s + profile.backward_s + profile.optimizer_s,
-        **{name: simulate(priced[name], s).iteration_s for name, s in schedules.items()},
-    }
-    if two_level is not None:  # the site's gradients every step, then a flat average every H
-        site_step = priced_two_level(profile, two_level).optimizer_s
-        with_site = dataclasses.replace(profile, optimizer_s=site_step)
-        predicted["hier_local_sgd"] = simulate_method(with_site, "local_sgd", period).iteration_s
+    predicted = predict_methods(profile, schedules, period)
     bounds = {
-        "compute_s": profile.forward_s + profile.backward_s + profile.optimizer_s,
+        "compute_s": compute_s(profile),
         "lower_bound_s": simulate(profile, schedules["dreamddp"]).lower_bound_s / period,
         "params": int(sum(u.nbytes for u in profile.units) // 4),
         "fill_extra_syncs": schedules["dreamddp+fill"].syncs_per_period() - schedules["dreamddp"].syncs_per_period(),
     }
     return paths, predicted, bounds
+
+
+def _at_runs_compute(
+    profile_path: Path, schedules: dict[str, Path], period: int, entry: dict[str, Any], reference: list[float]
+) -> None:
+    """Add to ``entry`` the compute drift the interleaved reference measured, and to each run
+    its prediction at that compute speed (``dreamddp.tools.bench.predict``)."""
+    import statistics
+
+    from dreamddp.core.schedule import Schedule
+    from dreamddp.planning.profile import Profile
+    from dreamddp.tools.bench.predict import compute_s, predict_methods, with_compute_scaled
+
+    profile = Profile.from_json(profile_path)
+    drift = statistics.median(reference) / compute_s(profile)
+    at_speed = predict_methods(
+        with_compute_scaled(profile, drift), {n: Schedule.from_json(p) for n, p in schedules.items()}, period
+    )
+    entry["compute_drift"] = drift
+    for run in entry["runs"]:
+        run["calibrated_iter_s"] = at_speed.get(run["algorithm"])
 
 
 def _run_row(
@@ -293,7 +296,8 @@ def _profile(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag:
 
 
 def _profile_and_plan(cluster: Cluster, cfg: BenchConfig, config: str, folder: Path, tag: str):
-    return _plan(_profile(cluster, cfg, config, folder, tag), cfg.period, folder, tag)
+    profile_path = _profile(cluster, cfg, config, folder, tag)
+    return (profile_path, *_plan(profile_path, cfg.period, folder, tag))
 
 
 def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
@@ -309,7 +313,7 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
         cluster = Cluster(cfg, link, network, out)
         print(f"== link {link} ({network}) ==", flush=True)
         with cluster.up():
-            schedules, predicted, bounds = _profile_and_plan(cluster, cfg, config, out, tag)
+            profile_path, schedules, predicted, bounds = _profile_and_plan(cluster, cfg, config, out, tag)
             entry = {
                 "link": link,
                 "network": network,
@@ -324,9 +328,12 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                 fill_note = f"fill-in added {bounds['fill_extra_syncs']} syncs per period to the dreamddp schedule"
                 entry["note"] = "; ".join(x for x in (network_note, fill_note) if x)
             results["params"] = bounds["params"]
-            rows: dict[str, list[dict[str, Any]]] = {a: [] for a in cfg.algorithms}
+            # The compute-only reference runs interleaved too: it measures the machine's speed
+            # during the runs, against which each prediction is also checked.
+            algorithms = [*cfg.algorithms, *([] if REFERENCE in cfg.algorithms or not cfg.reference else [REFERENCE])]
+            rows: dict[str, list[dict[str, Any]]] = {a: [] for a in algorithms}
             for repeat in range(cfg.repeats):  # interleaved, so drift on the machine hits every algorithm alike
-                for algorithm in cfg.algorithms:
+                for algorithm in algorithms:
                     log = out / f"train-{tag}-{algorithm.replace('+', '-')}-r{repeat}.jsonl"
                     overrides = [
                         *cfg.overrides,
@@ -344,7 +351,10 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                         f" val loss {row['val_loss']:.3f}  [{time.perf_counter() - started:.0f} s]",
                         flush=True,
                     )
-            entry["runs"] = [median_run(rows[a]) for a in cfg.algorithms]
+            entry["runs"] = [median_run(rows[a]) for a in algorithms]
+            if REFERENCE in rows:
+                reference = [r["iter_s"] for r in rows[REFERENCE]]
+                _at_runs_compute(profile_path, schedules, cfg.period, entry, reference)
         results["links"].append(entry)
         _write(out / "results.json", results)
     return results
@@ -530,6 +540,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="--convergence: keep the runs, profile and schedules already in --out; run only what is missing",
     )
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="grid: skip the interleaved compute-only run that predictions are also checked against",
+    )
     parser.add_argument("--report", action="store_true", help="also write report.md and the plots into --out")
     return parser.parse_args(argv)
 
@@ -560,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=args.seeds,
             periods=args.periods,
             resume=args.resume,
+            reference=args.reference,
         )
     except ValueError as err:
         print(f"dreamddp bench: error: {err}", file=sys.stderr)
