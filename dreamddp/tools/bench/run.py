@@ -246,18 +246,17 @@ def _plan(
 
 
 def _at_runs_compute(
-    profile_path: Path, schedules: dict[str, Path], period: int, entry: dict[str, Any], reference: list[float]
+    profile_path: Path, schedules: dict[str, Path], period: int, entry: dict[str, Any], reference_s: float
 ) -> None:
-    """Add to ``entry`` the compute drift the interleaved reference measured, and to each run
-    its prediction at that compute speed (``dreamddp.tools.bench.predict``)."""
-    import statistics
-
+    """Add to ``entry`` the compute drift the interleaved reference measured (its reported
+    s/iteration, chosen among repeats as every row's is), and to each run its prediction at
+    that compute speed (``dreamddp.tools.bench.predict``)."""
     from dreamddp.core.schedule import Schedule
     from dreamddp.planning.profile import Profile
     from dreamddp.tools.bench.predict import compute_s, predict_methods, with_compute_scaled
 
     profile = Profile.from_json(profile_path)
-    drift = statistics.median(reference) / compute_s(profile)
+    drift = reference_s / compute_s(profile)
     at_speed = predict_methods(
         with_compute_scaled(profile, drift), {n: Schedule.from_json(p) for n, p in schedules.items()}, period
     )
@@ -353,8 +352,8 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                     )
             entry["runs"] = [median_run(rows[a]) for a in algorithms]
             if REFERENCE in rows:
-                reference = [r["iter_s"] for r in rows[REFERENCE]]
-                _at_runs_compute(profile_path, schedules, cfg.period, entry, reference)
+                reference = next(r for r in entry["runs"] if r["algorithm"] == REFERENCE)
+                _at_runs_compute(profile_path, schedules, cfg.period, entry, reference["iter_s"])
         results["links"].append(entry)
         _write(out / "results.json", results)
     return results
