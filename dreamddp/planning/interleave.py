@@ -37,7 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dreamddp.planning.simulate import CostModel
+from dreamddp.planning.simulate import CostModel, spend_burst
 
 __all__ = ["exposure_lower_bound", "interleaved_runs", "search"]
 
@@ -218,12 +218,10 @@ class FastCost:
         for size, last in runs:
             r = ready[last]
             start = r if r > free else free
-            duration = alpha + beta * size
             if tokens < 0:
                 tokens = min(self.burst, self.idle_before + start)
-            saved = min(tokens, duration - alpha)
-            tokens -= saved
-            free = start + (duration - saved)
+            duration, tokens = spend_burst(tokens, alpha + beta * size, alpha)
+            free = start + duration
         return max(0.0, free - self.end)
 
 

@@ -289,9 +289,7 @@ class CostModel:
             if self.burst > 0:
                 if tokens < 0:
                     tokens = min(self.burst, self.idle_before + start)
-                saved = min(tokens, duration - self.alpha)
-                tokens -= saved
-                duration -= saved
+                duration, tokens = spend_burst(tokens, duration, self.alpha)
             free = start + duration
             events.append((members, start, free))
         return events
@@ -763,8 +761,15 @@ def _spend_burst(profile: Profile, duration: float, tokens: float) -> tuple[floa
     comm = profile.comm
     if comm is None or comm.burst_s <= 0:
         return duration, tokens
-    saved = min(min(tokens, comm.burst_s), duration - comm.alpha_s)
-    return duration - saved, min(tokens, comm.burst_s) - saved
+    return spend_burst(min(tokens, comm.burst_s), duration, comm.alpha_s)
+
+
+def spend_burst(tokens: float, duration: float, alpha: float) -> tuple[float, float]:
+    """(duration, tokens left) of one all-reduce of ``duration`` that finds ``tokens`` seconds of
+    burst: the burst shortens the transfer (``duration - alpha``), never the latency. The one
+    rule every channel here spends the burst by, so that their prices agree bit for bit."""
+    saved = min(tokens, duration - alpha)
+    return duration - saved, tokens - saved
 
 
 def ddp_buckets(nbytes: Sequence[int], bucket_cap_mb: float) -> list[list[int]]:
