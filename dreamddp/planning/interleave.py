@@ -32,6 +32,7 @@ a bound no schedule beats; the search reports its gap to it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -184,44 +185,25 @@ class FastCost:
                 free = (r if r > free else free) + comm[k]
             return max(0.0, free - self.end)
         starts, nbytes, cap, alpha, beta = self.starts, self.nbytes, self.cap, self.alpha, self.beta
-        if self.burst > 0:
-            return self._with_burst(units)
+        burst, tokens = self.burst, -1.0  # tokens < 0: the iteration's first bucket has not started
         first = units[0]
         b_start, b_end, last = starts[first], starts[first] + nbytes[first], first
-        for k in units[1:]:
-            s, e = starts[k], starts[k] + nbytes[k]
-            if s == b_end and e - b_start <= cap:
-                b_end, last = e, k
-                continue
-            r = ready[last]
-            free = (r if r > free else free) + (alpha + beta * (b_end - b_start))
-            b_start, b_end, last = s, e, k
-        r = ready[last]
-        free = (r if r > free else free) + (alpha + beta * (b_end - b_start))
-        return max(0.0, free - self.end)
-
-    def _with_burst(self, units: Sequence[int]) -> float:
-        """The same channel, the iteration's first messages spending the shaper's burst."""
-        starts, nbytes, cap, alpha, beta, ready = self.starts, self.nbytes, self.cap, self.alpha, self.beta, self.ready
-        runs: list[tuple[int, int]] = []  # (bucket bytes, last unit)
-        first = units[0]
-        b_start, b_end, last = starts[first], starts[first] + nbytes[first], first
-        for k in units[1:]:
-            s, e = starts[k], starts[k] + nbytes[k]
-            if s == b_end and e - b_start <= cap:
-                b_end, last = e, k
-                continue
-            runs.append((b_end - b_start, last))
-            b_start, b_end, last = s, e, k
-        runs.append((b_end - b_start, last))
-        free, tokens = 0.0, -1.0
-        for size, last in runs:
+        for nxt in itertools.chain(units[1:], (None,)):  # None closes the last bucket
+            if nxt is not None:
+                s, e = starts[nxt], starts[nxt] + nbytes[nxt]
+                if s == b_end and e - b_start <= cap:
+                    b_end, last = e, nxt
+                    continue
             r = ready[last]
             start = r if r > free else free
-            if tokens < 0:
-                tokens = min(self.burst, self.idle_before + start)
-            duration, tokens = spend_burst(tokens, alpha + beta * size, alpha)
+            duration = alpha + beta * (b_end - b_start)
+            if burst > 0:  # the first buckets spend what the link's idle time refilled
+                if tokens < 0:
+                    tokens = min(burst, self.idle_before + start)
+                duration, tokens = spend_burst(tokens, duration, alpha)
             free = start + duration
+            if nxt is not None:
+                b_start, b_end, last = s, e, nxt
         return max(0.0, free - self.end)
 
 
