@@ -171,11 +171,11 @@ def test_refresh_counts_the_burst_back_in_and_scales_it_with_the_link():
 
 
 def test_predictions_at_the_runs_compute_speed_scale_compute_not_the_link():
-    from dreamddp.tools.bench.predict import compute_s, predict_methods, with_compute_scaled
+    from dreamddp.tools.bench.predict import predict_methods, with_compute_scaled
 
     profile = _two_units(0.05)
     slower = with_compute_scaled(profile, 1.5)
-    assert compute_s(slower) == pytest.approx(1.5 * compute_s(profile))
+    assert slower.compute_s == pytest.approx(1.5 * profile.compute_s)
     assert slower.comm == profile.comm and [u.nbytes for u in slower.units] == [u.nbytes for u in profile.units]
     schedules = {name: Schedule(2, {"u1": [0], "u0": [1]}) for name in ("dreamddp", "dreamddp+fill")}
     base, scaled = predict_methods(profile, {}, 2), predict_methods(slower, {}, 2)

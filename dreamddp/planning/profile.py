@@ -185,6 +185,11 @@ class Profile:
     def names(self) -> list[str]:
         return [u.name for u in self.units]
 
+    @property
+    def compute_s(self) -> float:
+        """One iteration's compute: forward, backward and the optimizer step."""
+        return self.forward_s + self.backward_s + self.optimizer_s
+
     def with_comm(self, comm: CommModel) -> Profile:
         """The same compute profile with every unit's comm time predicted by ``comm``."""
         units = tuple(dataclasses.replace(u, comm_s=comm.predict(u.nbytes)) for u in self.units)

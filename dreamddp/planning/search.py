@@ -401,7 +401,7 @@ class _ForwardInstance(_Problem):
             for u in group:
                 assignment[self.names[u]].append(h)
         seconds = self.time([tuple(sorted(g)) for g in groups], delays)
-        compute = self.period * (self.profile.forward_s + self.profile.backward_s + self.profile.optimizer_s)
+        compute = self.period * self.profile.compute_s
         meta = {
             **(metadata or {}),
             "method": method,

@@ -310,7 +310,7 @@ class CostModel:
             for members, start, end in self.schedule_events(units)
         )
         exposed = max(0.0, events[-1].end_s - self.end) if events else 0.0
-        compute = self.profile.forward_s + self.profile.backward_s + self.profile.optimizer_s
+        compute = self.profile.compute_s
         busy = sum(e.end_s - e.start_s for e in events)
         return IterationTimeline(phase, compute, busy, exposed, compute + exposed, events)
 
@@ -583,7 +583,7 @@ def _lower_bound(profile: Profile, period: int) -> float:
     With a comm model the cheapest way to send everything is one message (one latency);
     without one, every unit's own time.
     """
-    compute = profile.forward_s + profile.backward_s + profile.optimizer_s
+    compute = profile.compute_s
     if profile.comm is not None:
         c = profile.comm
         # One message, or with a burst worth more than a latency, one after every iteration's idle.
@@ -661,7 +661,7 @@ def simulate_method(
     unit in the next forward.
     """
     check_overlap(overlap)
-    compute = profile.forward_s + profile.backward_s + profile.optimizer_s
+    compute = profile.compute_s
     if method == "local_sgd":
         if overlap == "forward":
             order = list(reversed(range(len(profile.units))))  # the input side first: needed first

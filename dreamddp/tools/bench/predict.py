@@ -22,11 +22,7 @@ from dreamddp.planning.profile import Profile
 from dreamddp.planning.two_level import priced_two_level, two_level_of
 from dreamddp.tools.bench.names import PLANNED, REFERENCE, PlannedVariant
 
-__all__ = ["REFERENCE", "compute_s", "priced_variants", "predict_methods", "with_compute_scaled"]
-
-
-def compute_s(profile: Profile) -> float:
-    return profile.forward_s + profile.backward_s + profile.optimizer_s
+__all__ = ["REFERENCE", "priced_variants", "predict_methods", "with_compute_scaled"]
 
 
 def _base(profile: Profile, variant: PlannedVariant) -> Profile:
@@ -50,7 +46,7 @@ def predict_methods(profile: Profile, schedules: Mapping[str, Schedule], period:
         "local_sgd": local,
         "post_local_sgd": local,  # torch's averager: every parameter after the step, every H
         "plsgd": simulate(plain, plan(plain, period, "plsgd")).iteration_s,
-        REFERENCE: compute_s(profile),
+        REFERENCE: profile.compute_s,
         **{name: simulate(priced[name], s).iteration_s for name, s in schedules.items()},
     }
     two_level = two_level_of(profile)

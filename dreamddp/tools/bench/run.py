@@ -223,7 +223,7 @@ def _plan(
     from dreamddp.core.schedule import Schedule
     from dreamddp.planning import plan, simulate
     from dreamddp.planning.profile import Profile
-    from dreamddp.tools.bench.predict import compute_s, predict_methods, priced_variants
+    from dreamddp.tools.bench.predict import predict_methods, priced_variants
 
     profile = Profile.from_json(profile_path)
     priced = priced_variants(profile)
@@ -237,7 +237,7 @@ def _plan(
             schedule.to_json(paths[name])
     predicted = predict_methods(profile, schedules, period)
     bounds = {
-        "compute_s": compute_s(profile),
+        "compute_s": profile.compute_s,
         "lower_bound_s": simulate(profile, schedules["dreamddp"]).lower_bound_s / period,
         "params": int(sum(u.nbytes for u in profile.units) // 4),
         "fill_extra_syncs": schedules["dreamddp+fill"].syncs_per_period() - schedules["dreamddp"].syncs_per_period(),
@@ -253,10 +253,10 @@ def _at_runs_compute(
     that compute speed (``dreamddp.tools.bench.predict``)."""
     from dreamddp.core.schedule import Schedule
     from dreamddp.planning.profile import Profile
-    from dreamddp.tools.bench.predict import compute_s, predict_methods, with_compute_scaled
+    from dreamddp.tools.bench.predict import predict_methods, with_compute_scaled
 
     profile = Profile.from_json(profile_path)
-    drift = reference_s / compute_s(profile)
+    drift = reference_s / profile.compute_s
     at_speed = predict_methods(
         with_compute_scaled(profile, drift), {n: Schedule.from_json(p) for n, p in schedules.items()}, period
     )
