@@ -95,6 +95,7 @@ class CommEvent:
     unit: str  # the bucket's units, joined by "+"
     start_s: float  # since the start of this iteration's backward
     end_s: float  # may lie past the iteration's end (forward overlap): the all-reduce spills over
+    ready_s: float | None = None  # when its last unit's gradients were ready (None: at start_s)
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ class CostModel:
 
     def iteration(self, phase: int, units: Sequence[int]) -> IterationTimeline:
         events = tuple(
-            CommEvent("+".join(self.profile.units[i].name for i in members), start, end)
+            CommEvent("+".join(self.profile.units[i].name for i in members), start, end, self.ready[members[-1]])
             for members, start, end in self.schedule_events(units)
         )
         exposed = max(0.0, events[-1].end_s - self.end) if events else 0.0
@@ -714,7 +715,9 @@ def simulate_method(
                 tokens = profile.forward_s + profile.optimizer_s + start
             duration, tokens = _spend_burst(profile, _bucketed_cost(profile, members, float("inf")), tokens)
             free = start + duration
-            events.append(CommEvent("+".join(profile.units[i].name for i in members[:3]), start, free))
+            events.append(
+                CommEvent("+".join(profile.units[i].name for i in members[:3]), start, free, ready[members[-1]])
+            )
         exposed = max(0.0, free - profile.backward_s)
         busy = sum(e.end_s - e.start_s for e in events)
         it = IterationTimeline(0, compute, busy, exposed, compute + exposed, tuple(events))

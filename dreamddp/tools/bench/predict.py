@@ -16,13 +16,14 @@ import dataclasses
 from collections.abc import Mapping
 
 from dreamddp.core.schedule import Schedule
-from dreamddp.planning import plan, simulate, simulate_method
+from dreamddp.planning import Timeline, plan, simulate, simulate_method
 from dreamddp.planning.compression import priced_for
+from dreamddp.planning.jitter import expected_iteration_s
 from dreamddp.planning.profile import Profile
 from dreamddp.planning.two_level import priced_two_level, two_level_of
 from dreamddp.tools.bench.names import PLANNED, REFERENCE, PlannedVariant
 
-__all__ = ["REFERENCE", "priced_variants", "predict_methods", "with_compute_scaled"]
+__all__ = ["REFERENCE", "compute_only_s", "priced_variants", "predict_methods", "with_compute_scaled"]
 
 
 def _base(profile: Profile, variant: PlannedVariant) -> Profile:
@@ -37,25 +38,38 @@ def priced_variants(profile: Profile) -> dict[str, Profile]:
 
 
 def predict_methods(profile: Profile, schedules: Mapping[str, Schedule], period: int) -> dict[str, float]:
-    """Predicted s/iteration of every algorithm the bench runs, the planned ones on ``schedules``."""
+    """Predicted s/iteration of every algorithm the bench runs, the planned ones on ``schedules``.
+
+    Each is the expected time with every rank's compute varying as profiled
+    (``dreamddp.planning.jitter``): synchronising ranks wait for the slowest.
+    """
+    world = int(profile.metadata.get("world_size", 2))
+
+    def expected(priced: Profile, timeline: Timeline | None) -> float:
+        return expected_iteration_s(priced, timeline, world)
+
     priced = priced_variants(profile)
-    local = simulate_method(profile, "local_sgd", period).iteration_s
+    local = expected(profile, simulate_method(profile, "local_sgd", period))
     plain = _base(profile, PlannedVariant())
     predicted = {
-        "ssgd": simulate_method(profile, "ssgd", 1).iteration_s,
+        "ssgd": expected(profile, simulate_method(profile, "ssgd", 1)),
         "local_sgd": local,
         "post_local_sgd": local,  # torch's averager: every parameter after the step, every H
-        "plsgd": simulate(plain, plan(plain, period, "plsgd")).iteration_s,
-        REFERENCE: profile.compute_s,
-        **{name: simulate(priced[name], s).iteration_s for name, s in schedules.items()},
+        "plsgd": expected(plain, simulate(plain, plan(plain, period, "plsgd"))),
+        REFERENCE: expected(profile, None),
+        **{name: expected(priced[name], simulate(priced[name], s)) for name, s in schedules.items()},
     }
     two_level = two_level_of(profile)
     if two_level is not None:  # the site's gradients every step, then a flat average every H
         site_step = priced_two_level(profile, two_level).optimizer_s
-        predicted["hier_local_sgd"] = simulate_method(
-            dataclasses.replace(profile, optimizer_s=site_step), "local_sgd", period
-        ).iteration_s
+        with_site = dataclasses.replace(profile, optimizer_s=site_step)
+        predicted["hier_local_sgd"] = expected(with_site, simulate_method(with_site, "local_sgd", period))
     return predicted
+
+
+def compute_only_s(profile: Profile) -> float:
+    """The compute-only reference's expected s/iteration: what the runs' drift is measured against."""
+    return expected_iteration_s(profile, None, int(profile.metadata.get("world_size", 2)))
 
 
 def with_compute_scaled(profile: Profile, factor: float) -> Profile:

@@ -253,10 +253,10 @@ def _at_runs_compute(
     that compute speed (``dreamddp.tools.bench.predict``)."""
     from dreamddp.core.schedule import Schedule
     from dreamddp.planning.profile import Profile
-    from dreamddp.tools.bench.predict import predict_methods, with_compute_scaled
+    from dreamddp.tools.bench.predict import compute_only_s, predict_methods, with_compute_scaled
 
     profile = Profile.from_json(profile_path)
-    drift = reference_s / profile.compute_s
+    drift = reference_s / compute_only_s(profile)
     at_speed = predict_methods(
         with_compute_scaled(profile, drift), {n: Schedule.from_json(p) for n, p in schedules.items()}, period
     )
