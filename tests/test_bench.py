@@ -59,9 +59,8 @@ def test_grid_and_convergence_end_to_end_with_report(tmp_path, capsys):
     for run in link["runs"]:
         assert run["iter_s"] > 0 and run["predicted_iter_s"] > 0 and run["calibrated_iter_s"] > 0
     ssgd, dream, reference = link["runs"]
-    # The drift is against the reference's expected time (compute_s is the profile's median).
-    assert link["compute_drift"] > 0
-    assert reference["calibrated_iter_s"] == pytest.approx(reference["iter_s"])
+    # Every run is priced at its own forwards' speed; the reference's drift is reported beside.
+    assert link["compute_drift"] > 0 and all(r["compute_speed"] > 0 and r["forward_s"] > 0 for r in link["runs"])
     assert dream["bytes_per_iter"] > 0 and reference["bytes_per_iter"] == 0
     assert dream["bytes_per_iter"] < ssgd["bytes_per_iter"]  # a slice per iteration, not every gradient
     assert link["lower_bound_s"] > 0

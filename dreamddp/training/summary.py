@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dreamddp.training.iteration import IterationResult
 
-__all__ = ["RunFacts", "RunTotals", "gather_rank_records", "job_summary"]
+__all__ = ["RunFacts", "RunTotals", "forward_compute_s", "gather_rank_records", "job_summary"]
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RunTotals:
     timing_warmup: int
     train_time_s: float = 0.0  # training time: evaluation and checkpoints excluded
     iter_times: list[float] = field(default_factory=list)
+    forward_times: list[float] = field(default_factory=list)  # forward compute: its waits for averages excluded
     waits: list[float] = field(default_factory=list)
     bytes_sent: int = 0
     last_loss: float | None = None
@@ -33,6 +34,7 @@ class RunTotals:
     def on_iteration(self, it: IterationResult) -> None:
         if it.step >= self.timing_warmup:
             self.iter_times.append(it.elapsed_s)
+            self.forward_times.append(forward_compute_s(it))
             if it.comm.wait_s is not None:
                 self.waits.append(it.comm.wait_s)
         self.bytes_sent += it.comm.bytes_sent
@@ -46,11 +48,25 @@ class RunTotals:
             "iter_s_mean": statistics.fmean(self.iter_times) if self.iter_times else None,
             "iter_s_median": statistics.median(self.iter_times) if self.iter_times else None,
             "comm_wait_s_mean": statistics.fmean(self.waits) if self.waits else None,
+            "forward_s_median": statistics.median(self.forward_times) if self.forward_times else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_mb": psutil.Process().memory_info().rss / 2**20,
             "bytes_sent": self.bytes_sent,
             "channel_busy_s": channel_busy_s,
         }
+
+
+def forward_compute_s(it: IterationResult) -> float:
+    """The iteration's forward, less any wait for averages in it (forward overlap's stalls).
+
+    In every algorithm's backward mode no communication is in flight during the forward, so its
+    time is a probe of the machine's compute speed during a run, whatever the run sends: the
+    benchmark prices each run at the speed its own forwards had.
+    """
+    forward = (it.times.forward_end - it.times.start) / 1e9
+    comm = it.comm
+    stalls = (comm.wait_s or 0.0) - comm.backward_wait_s - comm.after_step_wait_s
+    return max(0.0, forward - max(0.0, stalls))
 
 
 def gather_rank_records(record: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -94,6 +110,7 @@ def job_summary(
         "iter_s": max(r["iter_s_mean"] or 0.0 for r in ranks),
         "iter_s_median": ranks[0]["iter_s_median"],
         "comm_wait_s": ranks[0]["comm_wait_s_mean"],
+        "forward_s": _slowest(ranks, "forward_s_median"),
         "channel_busy_s_per_iter": (channel_busy_s / steps_run) if channel_busy_s is not None else None,
         "bytes_per_iter": totals.bytes_sent / steps_run,
         "throughput": facts.samples_per_step / max(r["iter_s_mean"] or float("inf") for r in ranks),
@@ -103,3 +120,8 @@ def job_summary(
         "ranks": ranks,
         "note": facts.note,
     }
+
+
+def _slowest(ranks: list[dict[str, Any]], key: str) -> float | None:
+    values = [r.get(key) for r in ranks]
+    return max(v for v in values if v is not None) if all(v is not None for v in values) else None

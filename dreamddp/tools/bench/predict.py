@@ -1,13 +1,17 @@
 """Each benchmarked algorithm's predicted s/iteration from a profile, and the same at the
-compute speed the runs really had.
+compute speed a run really had.
 
 Why the second: on a shared machine the same forward and backward drift between the profile
-and the runs. Measured on this project's 2-core machine: a grid whose profile said 0.385 s of
-compute per iteration ran its methods at 0.38-0.48 s of compute, so a raw prediction error
-mixes the cost model's error with the machine's. The grid therefore runs ``none`` (no
-communication) interleaved with the methods: its median over the profile's compute is the
-drift, and the profile with its compute scaled by that drift gives the prediction at the
-runs' speed. What is left is the cost model's own error. The raw figure is reported too.
+and the runs, and between runs minutes apart. Measured on this project's 2-core machine: a
+grid whose profile said 0.385 s of compute per iteration ran its methods at 0.34-0.52 s, the
+compute-only reference itself 0.42 and 0.52 s in two repeats. So a raw prediction error mixes
+the cost model's error with the machine's. Every run therefore reports its median forward
+(its waits for averages excluded, ``dreamddp.training.summary.forward_compute_s``): in
+backward mode nothing is in flight during a forward, so it is the machine's speed during that
+run, whatever the run sends. The profile with its compute scaled by that run's forward over
+the profile's gives the prediction at the run's speed; what is left is the cost model's own
+error. The raw figure is reported too, and the interleaved compute-only run (``none``)
+checks the compute-only prediction itself.
 """
 
 from __future__ import annotations

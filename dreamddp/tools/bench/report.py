@@ -107,8 +107,8 @@ def _dreamddp(link: dict) -> Run | None:
 def _prediction_error(run: Run, key: str = "predicted_iter_s") -> float | None:
     """(measured - predicted) / predicted: how far the cost model was off for this run.
 
-    ``key="calibrated_iter_s"``: the prediction at the compute speed the interleaved
-    compute-only reference measured during the runs (``dreamddp.tools.bench.predict``).
+    ``key="calibrated_iter_s"``: the prediction at the compute speed the run's own forwards
+    had (``dreamddp.tools.bench.predict``).
     """
     measured, predicted = run.get("iter_s"), run.get(key)
     return None if measured is None or not predicted else (measured - predicted) / predicted
@@ -185,6 +185,9 @@ def _link_section(link: dict) -> list[str]:
         foot += (
             f"; compute during the runs (the interleaved `none` reference) {link['compute_drift']:.2f}x the profile's"
         )
+    speeds = [r["compute_speed"] for r in link.get("runs", []) if r.get("compute_speed")]
+    if speeds:
+        foot += f"; each run priced at its own forwards' speed, {min(speeds):.2f}x-{max(speeds):.2f}x the profile's"
     notes = [f"{link['note']}"] if link.get("note") else []
     notes += [f"{r['algorithm']}: {r['note']}" for r in link.get("runs", []) if r.get("note")]
     return [_heading(link), "", *_table(GRID_HEADER, rows), "", foot + ".", *(f"- {n}" for n in notes), ""]

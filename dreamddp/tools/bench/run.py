@@ -245,24 +245,26 @@ def _plan(
     return paths, predicted, bounds
 
 
-def _at_runs_compute(
-    profile_path: Path, schedules: dict[str, Path], period: int, entry: dict[str, Any], reference_s: float
-) -> None:
-    """Add to ``entry`` the compute drift the interleaved reference measured (its reported
-    s/iteration, chosen among repeats as every row's is), and to each run its prediction at
-    that compute speed (``dreamddp.tools.bench.predict``)."""
+def _at_runs_compute(profile_path: Path, schedules: dict[str, Path], period: int, entry: dict[str, Any]) -> None:
+    """Add to each run of ``entry`` the compute speed its own forwards had (over the profile's
+    forward) and its prediction at that speed; and, where the compute-only reference ran, the
+    drift it measured (``dreamddp.tools.bench.predict``)."""
     from dreamddp.core.schedule import Schedule
     from dreamddp.planning.profile import Profile
     from dreamddp.tools.bench.predict import compute_only_s, predict_methods, with_compute_scaled
 
     profile = Profile.from_json(profile_path)
-    drift = reference_s / compute_only_s(profile)
-    at_speed = predict_methods(
-        with_compute_scaled(profile, drift), {n: Schedule.from_json(p) for n, p in schedules.items()}, period
-    )
-    entry["compute_drift"] = drift
+    planned = {n: Schedule.from_json(p) for n, p in schedules.items()}
     for run in entry["runs"]:
-        run["calibrated_iter_s"] = at_speed.get(run["algorithm"])
+        speed = run.get("forward_s") / profile.forward_s if run.get("forward_s") and profile.forward_s > 0 else None
+        run["compute_speed"] = speed
+        if speed is not None:
+            run["calibrated_iter_s"] = predict_methods(with_compute_scaled(profile, speed), planned, period).get(
+                run["algorithm"]
+            )
+    reference = next((r for r in entry["runs"] if r["algorithm"] == REFERENCE), None)
+    if reference is not None:
+        entry["compute_drift"] = reference["iter_s"] / compute_only_s(profile)
 
 
 def _run_row(
@@ -276,6 +278,7 @@ def _run_row(
         "iter_s_median": summary["iter_s_median"],
         "predicted_iter_s": predicted,
         "comm_wait_s": summary["comm_wait_s"],
+        "forward_s": summary.get("forward_s"),  # the slowest rank's median forward: the run's compute speed
         "bytes_per_iter": summary["bytes_per_iter"],
         "wan_bytes_per_iter_site": sum(uplink) / len(uplink) / summary["steps"] if uplink else None,
         "peak_rss_mb": summary["peak_rss_mb"],
@@ -351,9 +354,7 @@ def run_grid(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
                         flush=True,
                     )
             entry["runs"] = [median_run(rows[a]) for a in algorithms]
-            if REFERENCE in rows:
-                reference = next(r for r in entry["runs"] if r["algorithm"] == REFERENCE)
-                _at_runs_compute(profile_path, schedules, cfg.period, entry, reference["iter_s"])
+            _at_runs_compute(profile_path, schedules, cfg.period, entry)
         results["links"].append(entry)
         _write(out / "results.json", results)
     return results
