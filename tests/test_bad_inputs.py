@@ -270,15 +270,19 @@ def _damaged_two_level_profile(cwd: Path, _request) -> list[str]:
     return []
 
 
-def _damaged_burst_profile(cwd: Path, _request) -> list[str]:
-    """A profile whose measured burst after idle was edited to a negative number."""
-    import json
+def _damaged_measurement(section: str, key: str, value: float):
+    """Setup: a good profile with one measured figure (``section.key``) edited to ``value``."""
 
-    _good_profile(cwd, _request)
-    raw = json.loads((cwd / "profile.json").read_text())
-    raw["comm"]["burst_s"] = -0.05
-    (cwd / "profile.json").write_text(json.dumps(raw))
-    return []
+    def setup(cwd: Path, _request) -> list[str]:
+        import json
+
+        _good_profile(cwd, _request)
+        raw = json.loads((cwd / "profile.json").read_text())
+        raw[section][key] = value
+        (cwd / "profile.json").write_text(json.dumps(raw))
+        return []
+
+    return setup
 
 
 def _other_comparison(cwd: Path, _request) -> list[str]:
@@ -571,7 +575,14 @@ CLI_CASES = [
         "plan",
         ("--profile", "profile.json", "--period", "2", "--out", "s.json"),
         ("'profile.json'", "comm burst_s", "-0.05"),
-        setup=_damaged_burst_profile,
+        setup=_damaged_measurement("comm", "burst_s", -0.05),
+    ),
+    CliCase(
+        "plan-comm-cpu-damaged",
+        "plan",
+        ("--profile", "profile.json", "--period", "2", "--out", "s.json"),
+        ("'profile.json'", "comm_cpu_s_per_byte", "-2e-09"),
+        setup=_damaged_measurement("iteration", "comm_cpu_s_per_byte", -2e-9),
     ),
     CliCase(
         "plan-period-unbounded",

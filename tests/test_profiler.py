@@ -183,7 +183,9 @@ def test_profile_cli_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "comm model (simulated 100mbit,5ms)" in proc.stdout
+    assert "compute an all-reduce in flight takes:" in proc.stdout
     profile = Profile.from_json(out)
+    assert profile.comm_cpu_s_per_byte >= 0.0 and "comm_cpu_s_per_byte" in json.loads(out.read_text())["iteration"]
     assert profile.names[0] == "ln_f" and profile.names[-1] == "wte"  # backward order
     assert profile.metadata["world_size"] == 2 and profile.metadata["host"]["cpus"] >= 1
     # The simulated 5 ms is a floor on the fitted latency; the real gloo latency on top of it varies with the

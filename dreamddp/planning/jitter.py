@@ -45,11 +45,13 @@ class SyncedIteration:
 
     ``buckets``: (ready as a fraction of backward, channel time) per all-reduce, in launch
     order, each waited for before the step. ``after_step_s``: a blocking all-reduce after the
-    step (Local SGD's average), 0 for none.
+    step (Local SGD's average), 0 for none. ``comm_cpu_s``: compute the transfers take from
+    backward on the same cores (``simulate.comm_cpu_taken``), added to every rank's backward.
     """
 
     buckets: tuple[tuple[float, float], ...] = ()
     after_step_s: float = 0.0
+    comm_cpu_s: float = 0.0
 
 
 def jittered_iterations(timeline: Timeline) -> list[SyncedIteration]:
@@ -68,7 +70,7 @@ def jittered_iterations(timeline: Timeline) -> list[SyncedIteration]:
             )
             for e in it.events
         )
-        out.append(SyncedIteration(buckets, it.exposed_s if not buckets else 0.0))
+        out.append(SyncedIteration(buckets, it.exposed_s if not buckets else 0.0, it.comm_cpu_s))
     return out
 
 
@@ -148,7 +150,7 @@ def _replay(
             launched = max(backward_start[r] + fraction * backward[r] for r in range(ranks))
             free = max(launched, free) + duration
         for r in range(ranks):  # a rank waits for its iteration's buckets before its step
-            clocks[r] = backward_start[r] + backward[r]
+            clocks[r] = backward_start[r] + backward[r] + phase.comm_cpu_s
             if phase.buckets:
                 clocks[r] = max(clocks[r], free)
             clocks[r] += step[r]

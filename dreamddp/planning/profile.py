@@ -166,6 +166,9 @@ class Profile:
     comm: CommModel | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     spreads: Mapping[str, Spread] = field(default_factory=dict)
+    # Compute a byte of all-reduce in flight takes from forward/backward on the same cores
+    # (gloo's threads, the kernel's TCP path): ``profiler.comm_cpu``. 0: free, or not measured.
+    comm_cpu_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))
@@ -175,7 +178,7 @@ class Profile:
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:
             raise ValueError(f"profile lists unit {duplicate!r} twice")
-        for what in ("forward_s", "backward_s", "optimizer_s"):
+        for what in ("forward_s", "backward_s", "optimizer_s", "comm_cpu_s_per_byte"):
             _check_time(f"profile {what}", getattr(self, what))
         object.__setattr__(self, "metadata", dict(self.metadata))
         object.__setattr__(self, "spreads", dict(self.spreads))
@@ -251,6 +254,7 @@ class Profile:
                 "backward_s": self.backward_s,
                 "optimizer_s": self.optimizer_s,
                 "spreads": {k: dataclasses.asdict(v) for k, v in self.spreads.items()},
+                "comm_cpu_s_per_byte": self.comm_cpu_s_per_byte,
             },
             "comm": None
             if self.comm is None
@@ -303,6 +307,7 @@ class Profile:
                 ),
                 metadata=data.get("metadata", {}),
                 spreads={k: Spread(**v) for k, v in it.get("spreads", {}).items()},
+                comm_cpu_s_per_byte=it.get("comm_cpu_s_per_byte", 0.0),  # profiles from before it was measured: 0
             )
         except KeyError as err:
             raise ValueError(

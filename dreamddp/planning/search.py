@@ -336,7 +336,15 @@ def fill_in(
             "fill_in: this schedule has delays, which only forward overlap can price; fill it in with overlap='forward'"
         )
     inst = _Instance(profile, schedule.period)
-    filled = fill_groups(interleave.FastCost(inst.model), _phases_of(schedule, inst.names), inst.n)
+    original = _phases_of(schedule, inst.names)
+    filled = fill_groups(interleave.FastCost(inst.model), original, inst.n)
+    if profile.comm_cpu_s_per_byte > 0:  # extra bytes in flight take compute: keep only what stays free
+        filled = [
+            group
+            if inst.model.iteration(h, group).iteration_s <= inst.model.iteration(h, before).iteration_s
+            else before
+            for h, (group, before) in enumerate(zip(filled, map(list, original)))
+        ]
     assignment: dict[str, list[int]] = {n: [] for n in inst.names}
     for h, group in enumerate(filled):
         for i in group:

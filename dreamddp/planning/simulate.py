@@ -120,6 +120,7 @@ class IterationTimeline:
     spans: tuple[ComputeSpan, ...] = ()  # empty: forward, backward, wait, optimizer back to back
     backward_start_s: float | None = None  # since the iteration's start; None: the forward time F
     stalls: dict[str, float] = field(default_factory=dict)  # forward overlap: unit -> wait before its forward
+    comm_cpu_s: float = 0.0  # backward mode: compute the transfers took from backward (in compute_s)
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,31 @@ class Timeline:
             json.dump(self.to_chrome_trace(repeat), f)
 
 
+def comm_cpu_taken(profile: Profile, transfers: Sequence[tuple[int, float, float]], backward_end: float) -> float:
+    """Compute that ``transfers`` (bytes, start, end; seconds since backward began) take from
+    backward on the same cores: ``Profile.comm_cpu_s_per_byte`` times the bytes in flight
+    before backward ends (a transfer's bytes counted in proportion to its overlap)."""
+    per_byte = profile.comm_cpu_s_per_byte
+    if per_byte <= 0:
+        return 0.0
+    taken = 0.0
+    for nbytes, start, end in transfers:
+        overlap = max(0.0, min(end, backward_end) - start)
+        taken += per_byte * nbytes * (overlap / (end - start) if end > start else 0.0)
+    return taken
+
+
+def _backward_iteration(
+    profile: Profile, phase: int, events: tuple[CommEvent, ...], backward_end: float, taken: float
+) -> IterationTimeline:
+    """A backward-overlap iteration: backward stretched by the compute its transfers take
+    (``taken``), then waiting for the last all-reduce, then the step."""
+    exposed = max(0.0, events[-1].end_s - (backward_end + taken)) if events else 0.0
+    compute = profile.compute_s + taken
+    busy = sum(e.end_s - e.start_s for e in events)
+    return IterationTimeline(phase, compute, busy, exposed, compute + exposed, events, comm_cpu_s=taken)
+
+
 def ready_times(backward_s: Sequence[float]) -> list[float]:
     out, total = [], 0.0
     for b in backward_s:
@@ -306,14 +332,15 @@ class CostModel:
         return max(0.0, free - self.end)
 
     def iteration(self, phase: int, units: Sequence[int]) -> IterationTimeline:
+        scheduled = self.schedule_events(units)
         events = tuple(
             CommEvent("+".join(self.profile.units[i].name for i in members), start, end, self.ready[members[-1]])
-            for members, start, end in self.schedule_events(units)
+            for members, start, end in scheduled
         )
-        exposed = max(0.0, events[-1].end_s - self.end) if events else 0.0
-        compute = self.profile.compute_s
-        busy = sum(e.end_s - e.start_s for e in events)
-        return IterationTimeline(phase, compute, busy, exposed, compute + exposed, events)
+        taken = comm_cpu_taken(
+            self.profile, [(sum(self.nbytes[i] for i in m), start, end) for m, start, end in scheduled], self.end
+        )
+        return _backward_iteration(self.profile, phase, events, self.end, taken)
 
     def phase_messages(self, units: Sequence[int]) -> list[Message]:
         """The all-reduces of one iteration as the forward-overlap engine takes them."""
@@ -718,9 +745,10 @@ def simulate_method(
             events.append(
                 CommEvent("+".join(profile.units[i].name for i in members[:3]), start, free, ready[members[-1]])
             )
-        exposed = max(0.0, free - profile.backward_s)
-        busy = sum(e.end_s - e.start_s for e in events)
-        it = IterationTimeline(0, compute, busy, exposed, compute + exposed, tuple(events))
+        nbytes = [sum(profile.units[i].nbytes for i in members) for members in buckets]
+        taken = comm_cpu_taken(profile, [(n, e.start_s, e.end_s) for n, e in zip(nbytes, events)], profile.backward_s)
+        it = _backward_iteration(profile, 0, tuple(events), profile.backward_s, taken)
+        busy = it.comm_s
         return Timeline(
             method, 1, (it,), max(compute, busy), profile.forward_s, profile.backward_s, profile.optimizer_s
         )

@@ -34,6 +34,7 @@ from dreamddp.training.models import build_model, model_task
 from dreamddp.training.strategies import build_optimizer
 from profiler.codec import profile_codecs
 from profiler.comm import DEFAULT_SIZES, profile_comm
+from profiler.comm_cpu import profile_comm_cpu
 from profiler.compute import profile_compute
 from profiler.site_cost import SiteGradientCost, profile_site_gradients
 
@@ -123,6 +124,7 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
             model, make_batch, loss_fn, group, iters=max(iters // 2, 3), warmup=min(warmup, 2) or 1
         ),
     )
+    comm_cpu = _profile_comm_cpu(model, make_batch, loss_fn, compute, comm, iters)
     codecs = profile_codecs(device, world=world)  # delta sync's payload compute, priced by the planner
     cpu_after = psutil.cpu_times()
     busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
@@ -153,7 +155,35 @@ def run(cfg, device: torch.device, iters: int, warmup: int, sizes: list[int], re
         optimizer_s=compute.optimizer_s,
         metadata=metadata,
         spreads=compute.spreads,
+        comm_cpu_s_per_byte=comm_cpu,
     ).with_comm(comm)
+
+
+def _profile_comm_cpu(model, make_batch, loss_fn, compute: Profile, comm: CommModel, iters: int) -> float:
+    """Compute an all-reduce in flight takes per byte (``profiler.comm_cpu``), the slowest rank's.
+
+    The transfer is what the link carries in 80% of a forward+backward (at most the model's
+    bytes), so that all of it is in flight while compute runs. Only where the sites compute on
+    the cores that drive their network: on CUDA the copies and reductions are the device's, and
+    the host threads do not slow the kernels, so it is not measured there (0).
+    """
+    if next(model.parameters()).device.type == "cuda":
+        return 0.0
+    window = 0.8 * (compute.forward_s + compute.backward_s)
+    model_bytes = sum(u.nbytes for u in compute.units)
+    nbytes = int(min(model_bytes, window / comm.beta_s_per_byte if comm.beta_s_per_byte > 0 else model_bytes))
+    cost = profile_comm_cpu(model, make_batch, loss_fn, max(nbytes, 4), iters=max(iters // 2, 4))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, cost.s_per_byte)
+    per_byte = max(everyone)
+    logger.info(
+        "an all-reduce in flight: forward+backward %.1f ms alone, %.1f ms with %.2f MB; %.3f ns/byte taken (slowest rank)",
+        cost.alone_s * 1e3,
+        cost.with_transfer_s * 1e3,
+        cost.nbytes / 1e6,
+        per_byte * 1e9,
+    )
+    return per_byte
 
 
 def _profile_two_level(
@@ -250,6 +280,7 @@ def format_profile(profile: Profile, top: int = 10) -> str:
             f"beta = {c.beta_s_per_byte * 1e9:.3f} ns/byte ({c.bandwidth_bps / 1e6:.1f} Mbit/s effective), "
             f"R^2 = {c.r2:.4f} over {len(c.points)} sizes; burst after idle {c.burst_s * 1e3:.1f} ms"
         )
+    lines.append(f"compute an all-reduce in flight takes: {profile.comm_cpu_s_per_byte * 1e9:.3f} ns/byte")
     two_level = two_level_of(profile)
     if two_level is not None:
         for name, m in (("cross-site shard", two_level.cross), ("inside a site", two_level.intra)):
