@@ -165,8 +165,10 @@ def test_site_env_gives_torchrun_its_multi_node_settings():
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "wan0"
     assert env["NCCL_HOSTID"] == "dreamddp-s1"  # NCCL must not take two sites for one host
     assert env["DREAMDDP_SOFTWARE_DELAY"] == "20ms"
+    assert env["DREAMDDP_CLUSTER_STATE"].endswith("/dreamddp.json")  # the rate tc shapes to, kept current
     kernel = netns.ClusterState(ClusterSpec(), "kernel netem", ["10.213.0.1", "10.213.0.2"])
     assert "DREAMDDP_SOFTWARE_DELAY" not in netns.site_env(kernel, 0)
+    assert "DREAMDDP_CLUSTER_STATE" not in netns.site_env(kernel, 0)
 
 
 @needs_root

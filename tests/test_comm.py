@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dreamddp.core.collectives import average_tensors, pack_buckets
 from dreamddp.emulation.link import LinkSpec, SimulatedLink
@@ -178,3 +181,72 @@ def test_out_of_order_completions_are_released_in_issue_order():
     assert link.complete(first, t0 + 0.050) == pytest.approx(t0 + 0.060)
     # the second's transfer overlapped the first's entirely: it pays only its latency after it
     assert second.release == pytest.approx(t0 + 0.070) and seen == [second.release]
+
+
+def _two_rank_releases(issues: list[tuple[float, float]], rate: float | None, rt: float = 0.040) -> list[tuple]:
+    """Releases on two ranks' latency-only links for collectives issued at ``issues`` (per rank).
+
+    The real collective starts once both ranks issued it and the previous one is done, and
+    takes ``rt`` (its wire time at ``rate``), finishing at the same moment on both ranks.
+    """
+    nbytes = int(rt * 1e6 / 8 / (1514 / 1448))  # wire bytes = nbytes on 2 ranks
+    links = [SimulatedLink(LinkSpec.parse("inf,50ms"), 2, real_rate=(lambda: rate) if rate else None) for _ in "ab"]
+    finished = 0.0
+    releases = []
+    for issue_a, issue_b in issues:
+        finished = max(issue_a, issue_b, finished) + rt
+        pair = []
+        for link, issued in zip(links, (issue_a, issue_b), strict=True):
+            booking = link.book(nbytes)
+            booking.issued = issued
+            pair.append(link.complete(booking, finished))
+        releases.append(tuple(pair))
+    return releases
+
+
+def test_peer_wait_is_not_priced_as_transfer_with_the_real_rate():
+    """Rank a issues a sync while the previous one's delay still runs; rank b issues 100 ms later.
+
+    Priced from measured time alone, rank a counts its 100 ms wait for b as transfer and adds
+    the delay after it: the 40 ms its wait overlapped the previous delay are paid twice, so a
+    is released after b and becomes the late rank next iteration
+    (the swing the emulated 20mbit grid showed). With the real rate both release together.
+    """
+    issues = [(0.0, 0.0), (0.05, 0.15)]  # the first sync's release (0.09) is after a's second issue
+    unpriced = _two_rank_releases(issues, rate=None)
+    assert unpriced[1][0] - unpriced[1][1] == pytest.approx(0.09 - 0.05, abs=1e-9)  # a: release 1 - a's issue
+    priced = _two_rank_releases(issues, rate=1e6)
+    assert priced[1][0] == pytest.approx(priced[1][1], abs=1e-12)
+    assert priced[1][0] == pytest.approx(0.15 + 0.04 + 0.05)  # b's issue + transfer + delay
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.0, 0.3), st.floats(0.0, 0.3)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_with_the_real_rate_every_rank_computes_the_same_release(steps):
+    issues, t = [], 0.0
+    for gap_a, gap_b in steps:  # each rank issues its collectives in order, at its own pace
+        issues.append((t + gap_a, t + gap_b))
+        t += min(gap_a, gap_b)
+    for rel_a, rel_b in _two_rank_releases(issues, rate=1e6):
+        assert rel_a == pytest.approx(rel_b, abs=1e-9)
+
+
+def test_the_real_rate_follows_the_cluster_state_file(tmp_path):
+    from dreamddp.emulation.link import RealRate
+
+    path = tmp_path / "c.json"
+    rate = RealRate(path, recheck_s=0.0)
+    assert rate() is None  # no file yet: measured transfers are priced
+    path.write_text('{"spec": {"wan": "100mbit"}}')
+    assert rate() == pytest.approx(1e8)
+    path.write_text('{"spec": {"wan": "20mbit"}}')  # `cluster shape` under a running job
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert rate() == pytest.approx(2e7)
+    path.write_text("not json")
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    assert rate() is None

@@ -8,13 +8,16 @@ overlap shows up in wall-clock time. Real kernel throttling (``tc``) is ``dreamd
 
 A link whose rate is ``inf`` (``"inf,20ms"``) adds latency only, on top of whatever the real
 network does: that is how ``dreamddp cluster`` adds the WAN delay on kernels without
-``netem``, where ``tc`` can shape the rate but not delay packets.
+``netem``, where ``tc`` can shape the rate but not delay packets. ``cluster run`` also names
+the cluster's state file, so the link knows the rate ``tc`` shapes to (``RealRate``) and can
+tell a real transfer from time spent waiting for a peer that issued later.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import math
 import os
@@ -23,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +36,8 @@ __all__ = [
     "SimulatedLink",
     "Booking",
     "SOFTWARE_DELAY_ENV",
+    "CLUSTER_STATE_ENV",
+    "RealRate",
     "link_from_settings",
     "describe_link",
     "sleep_until",
@@ -226,8 +232,16 @@ class SimulatedLink:
 
     With ``bandwidth = inf`` (latency only) the transfer time is the real one, measured: the
     result of collective ``i`` is usable at ``max(issued_i, release_{i-1}) + latency + (real
-    transfer time of i)``, so every collective pays the latency after its real transfer and
-    back-to-back collectives pay it in series, as they would on a link with that delay.
+    transfer time of i)``, and never before its real completion plus the latency, so every
+    collective pays the latency after its real transfer and back-to-back collectives pay it in
+    series, as they would on a link with that delay.
+
+    The measured transfer runs from issue (or the previous real completion) to completion, and
+    on the rank that issued first that includes waiting for its peers. Were that wait priced as
+    transfer and the latency added after it, the early rank would be released later than its
+    peers, be the late one next iteration, and the ranks would swing against each other. With
+    ``real_rate`` (the rate the real link is shaped to) the transfer is priced at most at its
+    wire time at that rate, which no peer wait inflates, so every rank computes the same release.
 
     One rank needs no link: with ``world_size == 1`` every collective is free.
     """
@@ -235,6 +249,7 @@ class SimulatedLink:
     spec: LinkSpec
     world_size: int
     stats: LinkStats = field(default_factory=LinkStats)
+    real_rate: Callable[[], float | None] | None = None  # latency-only links: bits/s tc shapes to
 
     def __post_init__(self) -> None:
         self._channel_free = 0.0
@@ -246,12 +261,15 @@ class SimulatedLink:
         self._lock = threading.Lock()
         self._timer: _DeadlineThread | None = None
 
+    def wire_bytes(self, nbytes: int) -> float:
+        """Bytes each rank sends in a ring all-reduce of ``nbytes``."""
+        return 2.0 * (self.world_size - 1) / self.world_size * nbytes
+
     def all_reduce_seconds(self, nbytes: int) -> float:
         """Simulated channel time of one all-reduce (the transfer part is 0 on a latency-only link)."""
         if self.world_size <= 1:
             return 0.0
-        wire = 2.0 * (self.world_size - 1) / self.world_size * nbytes
-        return self.spec.latency_s + wire * 8.0 / self.spec.bandwidth_bps
+        return self.spec.latency_s + self.wire_bytes(nbytes) * 8.0 / self.spec.bandwidth_bps
 
     def book(self, nbytes: int) -> Booking:
         """Record an all-reduce of ``nbytes`` issued now; ``complete`` it when the real one is done."""
@@ -298,7 +316,11 @@ class SimulatedLink:
             release = max(finished, booking.deadline)
         else:
             transfer = max(0.0, finished - max(booking.issued, self._last_real_done))
-            release = max(booking.issued, self._last_release) + self.spec.latency_s + transfer
+            rate = self.real_rate() if self.real_rate is not None else None
+            if rate:  # a peer's lateness is not wire time
+                transfer = min(transfer, self.wire_bytes(booking.nbytes) * WIRE_FRAMING * 8.0 / rate)
+            start = max(booking.issued, self._last_release)
+            release = max(start + transfer, finished) + self.spec.latency_s
             self.stats.busy_s += self.spec.latency_s + transfer
         self._last_real_done = max(self._last_real_done, finished)
         self._last_release = max(self._last_release, release)
@@ -349,22 +371,61 @@ class SimulatedLink:
 
 
 SOFTWARE_DELAY_ENV = "DREAMDDP_SOFTWARE_DELAY"
+CLUSTER_STATE_ENV = "DREAMDDP_CLUSTER_STATE"
+# tbf counts whole frames: at MTU 1500 a TCP segment (timestamps on) carries 1448 payload bytes
+# in 1514 bytes of Ethernet frame.
+WIRE_FRAMING = 1514 / 1448
+
+
+class RealRate:
+    """The WAN rate an emulated cluster's ``tc`` shapes to, from the cluster's state file.
+
+    ``dreamddp cluster shape`` rewrites the file when it changes the rate under running jobs,
+    so the file is looked at again at most every ``recheck_s`` and re-read only when it changed.
+    An unreadable file gives ``None`` (the link then prices measured transfers, as without it).
+    """
+
+    def __init__(self, path: str | Path, recheck_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.recheck_s = recheck_s
+        self._checked = -math.inf
+        self._mtime: float | None = None
+        self._bps: float | None = None
+
+    def __call__(self) -> float | None:
+        now = time.monotonic()
+        if now - self._checked < self.recheck_s:
+            return self._bps
+        self._checked = now
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime != self._mtime:
+                wan = json.loads(self.path.read_text())["spec"]["wan"]
+                self._bps, self._mtime = LinkSpec.parse(wan).bandwidth_bps, mtime
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if self._bps is not None or self._mtime is None:
+                logger.warning("cannot read the WAN rate from %s (%s); pricing measured transfers", self.path, err)
+            self._bps, self._mtime = None, -1.0
+        return self._bps
 
 
 def link_from_settings(link: str, world_size: int) -> SimulatedLink | None:
     """The configured simulated link; else the software delay an emulated cluster asks for.
 
     ``dreamddp cluster run`` sets ``DREAMDDP_SOFTWARE_DELAY`` where the kernel cannot delay
-    packets (no ``netem``): the rate is then real (``tc``) and only the latency is added here.
+    packets (no ``netem``): the rate is then real (``tc``) and only the latency is added here;
+    ``DREAMDDP_CLUSTER_STATE`` names the file that says which rate ``tc`` shapes to.
     """
     if link:
         return SimulatedLink(LinkSpec.parse(link), world_size)
     delay = os.environ.get(SOFTWARE_DELAY_ENV, "").strip()
     if delay:
         try:
-            return SimulatedLink(LinkSpec.parse(f"inf,{delay}"), world_size)
+            spec = LinkSpec.parse(f"inf,{delay}")
         except ValueError as err:
             raise ValueError(f"{SOFTWARE_DELAY_ENV}={delay!r} is not a delay such as 20ms ({err})") from None
+        state = os.environ.get(CLUSTER_STATE_ENV, "").strip()
+        return SimulatedLink(spec, world_size, real_rate=RealRate(state) if state else None)
     return None
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dreamddp.emulation.link import SOFTWARE_DELAY_ENV, LinkSpec
+from dreamddp.emulation.link import CLUSTER_STATE_ENV, SOFTWARE_DELAY_ENV, LinkSpec
 from dreamddp.ops.files import atomic_write
 from dreamddp.validation import is_int, positive_int, require
 
@@ -413,6 +413,8 @@ def site_env(state: ClusterState, site: int) -> dict[str, str]:
     }
     if state.software_delay:
         env[SOFTWARE_DELAY_ENV] = state.software_delay
+        # The rate tc shapes to (rewritten by `cluster shape`): lets the delay tell transfer from peer wait.
+        env[CLUSTER_STATE_ENV] = str(_state_path(spec.name).resolve())
     return env
 
 
