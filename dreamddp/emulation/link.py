@@ -242,6 +242,9 @@ class SimulatedLink:
     peers, be the late one next iteration, and the ranks would swing against each other. With
     ``real_rate`` (the rate the real link is shaped to) the transfer is priced at most at its
     wire time at that rate, which no peer wait inflates, so every rank computes the same release.
+    The wire time assumes a ring whose traffic crosses each uplink once (one rank per site, or a
+    ring that visits a site's ranks in a row); an uplink shared more widely has a longer real
+    transfer, still bounded below by the real completion.
 
     One rank needs no link: with ``world_size == 1`` every collective is free.
     """
