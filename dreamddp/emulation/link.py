@@ -244,7 +244,9 @@ class SimulatedLink:
     wire time at that rate, which no peer wait inflates, so every rank computes the same release.
     The wire time assumes a ring whose traffic crosses each uplink once (one rank per site, or a
     ring that visits a site's ranks in a row); an uplink shared more widely has a longer real
-    transfer, still bounded below by the real completion.
+    transfer, and the release then rests on the real completion plus the delay. A two-level
+    sync's shard is priced with the whole world's ring, above its wire time: the measured
+    transfer is used, as without a rate.
 
     One rank needs no link: with ``world_size == 1`` every collective is free.
     """
