@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dreamddp.core.collectives import average_tensors, pack_buckets
-from dreamddp.emulation.link import LinkSpec, SimulatedLink
+from dreamddp.emulation.link import WIRE_FRAMING, LinkSpec, SimulatedLink
 
 from .dist_utils import run_workers
 
@@ -189,7 +189,7 @@ def _two_rank_releases(issues: list[tuple[float, float]], rate: float | None, rt
     The real collective starts once both ranks issued it and the previous one is done, and
     takes ``rt`` (its wire time at ``rate``), finishing at the same moment on both ranks.
     """
-    nbytes = int(rt * 1e6 / 8 / (1514 / 1448))  # wire bytes = nbytes on 2 ranks
+    nbytes = int(rt * 1e6 / 8 / WIRE_FRAMING)  # wire bytes = nbytes on 2 ranks
     links = [SimulatedLink(LinkSpec.parse("inf,50ms"), 2, real_rate=(lambda: rate) if rate else None) for _ in "ab"]
     finished = 0.0
     releases = []
@@ -228,10 +228,10 @@ def test_peer_wait_is_not_priced_as_transfer_with_the_real_rate():
     )
 )
 def test_with_the_real_rate_every_rank_computes_the_same_release(steps):
-    issues, t = [], 0.0
+    issues, t_a, t_b = [], 0.0, 0.0
     for gap_a, gap_b in steps:  # each rank issues its collectives in order, at its own pace
-        issues.append((t + gap_a, t + gap_b))
-        t += min(gap_a, gap_b)
+        t_a, t_b = t_a + gap_a, t_b + gap_b
+        issues.append((t_a, t_b))
     for rel_a, rel_b in _two_rank_releases(issues, rate=1e6):
         assert rel_a == pytest.approx(rel_b, abs=1e-9)
 
