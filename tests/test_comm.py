@@ -236,12 +236,17 @@ def test_with_the_real_rate_every_rank_computes_the_same_release(steps):
         assert rel_a == pytest.approx(rel_b, abs=1e-9)
 
 
-def test_the_real_rate_follows_the_cluster_state_file(tmp_path):
+def test_the_real_rate_follows_the_cluster_state_file(tmp_path, caplog):
     from dreamddp.emulation.link import RealRate
 
     path = tmp_path / "c.json"
     rate = RealRate(path, recheck_s=0.0)
-    assert rate() is None  # no file yet: measured transfers are priced
+    with caplog.at_level("WARNING", logger="dreamddp.emulation.link"):
+        assert rate() is None  # no file yet: measured transfers are priced
+        assert rate() is None
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and f"cannot read the WAN rate from {path}" in notices[0]  # once, one line
+    assert notices[0].endswith("pricing measured transfers") and "\n" not in notices[0]
     path.write_text('{"spec": {"wan": "100mbit"}}')
     assert rate() == pytest.approx(1e8)
     path.write_text('{"spec": {"wan": "20mbit"}}')  # `cluster shape` under a running job
