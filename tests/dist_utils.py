@@ -25,14 +25,16 @@ class WorkerFailed(AssertionError):
     pass
 
 
-def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+def run_workers(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo"
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo unless told); return their results."""
     ctx = mp.get_context("spawn")
     results: queue.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_entry, args=(fn, rank, world_size, store, results, args), daemon=True)
+            ctx.Process(target=_entry, args=(fn, rank, world_size, store, results, args, backend), daemon=True)
             for rank in range(world_size)
         ]
         for p in procs:
@@ -58,12 +60,14 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     return [out[r] for r in range(world_size)]
 
 
-def _entry(fn, rank, world_size, store, results, args) -> None:
+def _entry(fn, rank, world_size, store, results, args, backend) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{store}",
             rank=rank,
             world_size=world_size,
