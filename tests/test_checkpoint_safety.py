@@ -45,6 +45,7 @@ def _verify(directory: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # kept out of the fast tier's 6 minutes; the in-process checkpoint checks stay there
 @pytest.mark.timeout(180)
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     _tiny(tmp_path)

@@ -286,6 +286,7 @@ def _accumulation(rank: int, world: int) -> dict:
     }
 
 
+@pytest.mark.slow  # kept out of the fast tier's 6 minutes; the mid-period resume test keeps DeepSpeed there
 def test_gradient_accumulation_syncs_once_per_boundary():
     results = run_workers(_accumulation, 2, timeout=TIMEOUT)
     for r in results:

@@ -303,6 +303,7 @@ def test_pytorchjob_mounts_a_checkpoint_claim() -> None:
 # run_train.sh, for real
 
 
+@pytest.mark.slow  # kept out of the fast tier's 6 minutes; torchrun training stays there via test_train
 @pytest.mark.timeout(120)
 def test_run_train_sh_trains_two_processes(tmp_path: Path) -> None:
     """The single-node launcher starts 2 gloo workers that train a few steps and write the summary."""

@@ -93,6 +93,7 @@ def _run(script: str, *args: str, timeout: float) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # kept out of the fast tier's 6 minutes; the import-direction test stays there
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks one child per module")
 def test_every_module_imports_first_in_a_fresh_interpreter() -> None:

@@ -101,6 +101,7 @@ def _scrape(port: int) -> dict[str, dict]:
     return families
 
 
+@pytest.mark.slow  # kept out of the fast tier's 6 minutes; the trace test keeps a traced torchrun job there
 @pytest.mark.timeout(180)
 def test_metrics_endpoint_is_scraped_during_a_run(tmp_path):
     port = _free_ports(2)

@@ -139,6 +139,7 @@ def test_synthetic_profile_checks_lengths():
         CommModel.fit([(10, 0.1)])
 
 
+@pytest.mark.slow  # kept out of the fast tier's 6 minutes; the in-process comm fit stays there
 def test_profile_cli_under_torchrun(tmp_path):
     import os
     import subprocess

@@ -49,8 +49,7 @@ def model_bytes(config_overrides: list[str]) -> int:
 @pytest.mark.parametrize(
     "algorithm",
     [
-        *(pytest.param(a, marks=pytest.mark.slow) for a in ("none", "local_sgd", "post_local_sgd", "plsgd")),
-        "ssgd",
+        *(pytest.param(a, marks=pytest.mark.slow) for a in ("none", "local_sgd", "post_local_sgd", "plsgd", "ssgd")),
         "dreamddp",
     ],
 )
