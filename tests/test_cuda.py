@@ -38,14 +38,20 @@ def _train(model, schedule, sync, rank: int, steps: int, overlap: str = "backwar
     ddp = DreamDDP(model, schedule, overlap=overlap, link=link, sync=sync)
     opt = make_optimizer("momentum", model.parameters())
     ddp.register_optimizer(opt)
-    for step in range(steps):
+    _steps(ddp, opt, rank, 0, steps)
+    return ddp
+
+
+def _steps(ddp: DreamDDP, opt: torch.optim.Optimizer, rank: int, start: int, n: int) -> None:
+    """Iterations ``start`` to ``start + n`` on this rank's data, landed and finished on the GPU."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    for step in range(start, start + n):
         opt.zero_grad(set_to_none=True)
         x, y = make_batch("vector", rank, step)
         loss_of("vector", ddp(x.to(device)), y.to(device)).backward()
         opt.step()
     ddp.flush()
     torch.cuda.synchronize()
-    return ddp
 
 
 def _weights(ddp: DreamDDP) -> torch.Tensor:
@@ -103,23 +109,14 @@ def _resume_from_host_anchors(rank: int, world: int) -> float:
         ddp.register_optimizer(opt)
         return ddp, opt
 
-    def steps(ddp: DreamDDP, opt: torch.optim.Optimizer, start: int, n: int) -> None:
-        for step in range(start, start + n):
-            opt.zero_grad(set_to_none=True)
-            x, y = make_batch("vector", rank, step)
-            loss_of("vector", ddp(x.to(device)), y.to(device)).backward()
-            opt.step()
-        ddp.flush()
-
     ddp, opt = wrapped()
-    steps(ddp, opt, 0, 6)  # mid-period
+    _steps(ddp, opt, rank, 0, 6)  # mid-period
     saved = copy.deepcopy((ddp.state_dict(), opt.state_dict()))
-    steps(ddp, opt, 6, 5)
+    _steps(ddp, opt, rank, 6, 5)
     ddp2, opt2 = wrapped()
     ddp2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
-    steps(ddp2, opt2, 6, 5)
-    torch.cuda.synchronize()
+    _steps(ddp2, opt2, rank, 6, 5)
     return float((_weights(ddp) - _weights(ddp2)).abs().max())
 
 

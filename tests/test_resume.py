@@ -105,21 +105,11 @@ def _assert_same(a, b, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow  # about 30 s each: in-process resume tests keep bit-exact resume in the fast tier
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "algorithm",
-    [  # all slow (about 30 s each): in-process resume tests keep bit-exact resume in the fast tier
-        pytest.param(a, marks=pytest.mark.slow)
-        for a in (
-            "dreamddp",
-            "local_sgd",
-            "post_local_sgd",
-            "ssgd",
-            "dreamddp-delta",
-            "dreamddp-two-level",
-            "hier_local_sgd",
-        )
-    ],
+    ["dreamddp", "local_sgd", "post_local_sgd", "ssgd", "dreamddp-delta", "dreamddp-two-level", "hier_local_sgd"],
 )
 def test_killed_rank_resumes_bitwise(tmp_path, algorithm):
     extra = [f'train.algorithm="{algorithm}"']
